@@ -1,0 +1,240 @@
+"""Batched, pruned, streaming extraction of tapped activations."""
+
+import os
+import shutil
+import tempfile
+import zipfile
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_tap import graph
+
+REDUCTIONS = ("mean", "max")
+
+
+def _pool(tensor, how):
+    rank = len(tensor.shape)
+    if rank <= 2:
+        return tensor
+    axes = tuple(range(1, rank - 1))
+    if how == "mean":
+        return ops.mean(tensor, axis=axes)
+    return ops.max(tensor, axis=axes)
+
+
+def _check_reduce(reduce):
+    if reduce is None or callable(reduce) or reduce in REDUCTIONS:
+        return
+    raise ValueError(
+        f"`reduce` must be None, one of {list(REDUCTIONS)} or a callable; "
+        f"received {reduce!r}."
+    )
+
+
+class Extractor(keras.Model):
+    """Computes only the requested taps, reduced inside the graph."""
+
+    def __init__(self, tap_model, names, points, reduce):
+        super().__init__(name="tap_extractor")
+        self.names = list(names)
+        self.reduce = reduce
+        index = tap_model._index
+        object.__setattr__(self, "_base", tap_model.base)
+        if index.trace is not None:
+            tensors = [p.tensor for p in points]
+            # A Functional model over the outputs wanted keeps only the
+            # layers they depend on: nothing after the deepest tap runs.
+            pruned = keras.Model(index.trace.inputs, tensors)
+            object.__setattr__(self, "_pruned", pruned)
+            object.__setattr__(self, "_interceptor", None)
+        else:
+            object.__setattr__(self, "_pruned", None)
+            object.__setattr__(
+                self,
+                "_interceptor",
+                tap_model._interceptor(points, self.names, stop_early=True),
+            )
+
+    def call(self, inputs):
+        if self._pruned is not None:
+            outputs = self._pruned(inputs, training=False)
+            if not isinstance(outputs, (list, tuple)):
+                outputs = [outputs]
+            values = dict(zip(self.names, outputs))
+        else:
+            with self._interceptor.watch() as watcher:
+                try:
+                    self._base(inputs, training=False)
+                except graph.StopForward:
+                    pass  # Every requested tap is computed: skip the rest.
+                values = {n: watcher.records[n] for n in self.names}
+        if self.reduce is None:
+            return values
+        if callable(self.reduce):
+            return {n: self.reduce(v) for n, v in values.items()}
+        return {n: _pool(v, self.reduce) for n, v in values.items()}
+
+
+def _requested(tap_model, taps):
+    """Requested names -> `(names, points)`; paths resolve like taps."""
+    known = {n: p for n, _, p in tap_model._tap_specs}
+    if taps is None:
+        return list(known), list(known.values())
+    if isinstance(taps, str):
+        taps = [taps]
+    names, points = [], []
+    for spec in taps:
+        if isinstance(spec, str) and spec in known:
+            names.append(spec)
+            points.append(known[spec])
+            continue
+        for name, point in tap_model._index.resolve(spec):
+            names.append(name)
+            points.append(point)
+    if not names:
+        raise ValueError("`taps` is empty: name at least one tap or path.")
+    return names, points
+
+
+def _batches(data, batch_size):
+    """Yield `(x_batch)` and give the number of batches (or None)."""
+    unpack = keras.utils.unpack_x_y_sample_weight
+    if isinstance(data, keras.utils.PyDataset):
+        count = data.num_batches
+
+        def gen():
+            for i in range(count):
+                yield _only_x(data[i], unpack)
+
+        return gen(), count
+    if _is_dataset(data):
+        count = None
+        try:
+            cardinality = int(data.cardinality())
+            count = cardinality if cardinality >= 0 else None
+        except (TypeError, ValueError):
+            pass
+        return (_only_x(e, unpack) for e in data), count
+    leaves = keras.tree.flatten(data)
+    if not leaves or not all(hasattr(v, "shape") for v in leaves):
+        raise TypeError(
+            "`data` must be a NumPy array (or a structure of them), a "
+            "tf.data.Dataset or a keras.utils.PyDataset; received "
+            f"{type(data).__name__}."
+        )
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            f"`batch_size` must be a positive int; received {batch_size!r}."
+        )
+    total = int(leaves[0].shape[0])
+    count = -(-total // batch_size)
+
+    def gen():
+        for start in range(0, total, batch_size):
+            stop = start + batch_size
+            yield keras.tree.map_structure(lambda v: v[start:stop], data)
+
+    return gen(), count
+
+
+def _is_dataset(data):
+    return type(data).__module__.startswith("tensorflow") and hasattr(
+        data, "element_spec"
+    )
+
+
+def _only_x(element, unpack):
+    if isinstance(element, tuple):
+        return unpack(element)[0]
+    return element
+
+
+class NpzStream:
+    """Writes arrays batch by batch into a `.npz`, in constant memory.
+
+    Each key's batches go to a temporary raw file; `close()` writes the
+    `.npy` header (the row count is known by then) and copies the rows into
+    the zip in chunks, then moves the file into place atomically.
+    """
+
+    def __init__(self, path):
+        path = os.fspath(path)
+        if not path.endswith(".npz"):
+            raise ValueError(
+                f"`to` must be a path ending in '.npz'; received {path!r}."
+            )
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        self.path = path
+        self.tmp = tempfile.mkdtemp(prefix=".kt_extract_", dir=folder)
+        self.meta = {}
+
+    def write(self, arrays):
+        for i, (name, array) in enumerate(arrays.items()):
+            array = np.ascontiguousarray(array)
+            meta = self.meta.get(name)
+            if meta is None:
+                meta = self.meta[name] = {
+                    "file": os.path.join(self.tmp, f"{i}.raw"),
+                    "dtype": array.dtype,
+                    "shape": array.shape[1:],
+                    "rows": 0,
+                }
+            with open(meta["file"], "ab") as f:
+                f.write(array.tobytes())
+            meta["rows"] += array.shape[0]
+
+    def close(self):
+        partial = self.path + ".partial"
+        with zipfile.ZipFile(partial, "w", allowZip64=True) as archive:
+            for name, meta in self.meta.items():
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(meta["dtype"]),
+                    "fortran_order": False,
+                    "shape": (meta["rows"],) + tuple(meta["shape"]),
+                }
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array_header_2_0(f, header)
+                    with open(meta["file"], "rb") as raw:
+                        shutil.copyfileobj(raw, f, 1 << 22)
+        os.replace(partial, self.path)
+        self.discard()
+        return self.path
+
+    def discard(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def extract(tap_model, data, *, taps, batch_size, reduce, to, verbose):
+    """See `TapModel.extract`."""
+    _check_reduce(reduce)
+    names, points = _requested(tap_model, taps)
+    key = (tuple(names), reduce)
+    extractor = tap_model._extractors.get(key)
+    if extractor is None:
+        extractor = Extractor(tap_model, names, points, reduce)
+        tap_model._extractors[key] = extractor
+    batches, count = _batches(data, batch_size)
+    if verbose == "auto":
+        verbose = 1
+    progbar = keras.utils.Progbar(count, verbose=1 if verbose else 0)
+    sink = NpzStream(to) if to is not None else None
+    collected = {n: [] for n in names}
+    try:
+        for step, batch in enumerate(batches):
+            values = extractor.predict_on_batch(batch)
+            if sink is not None:
+                sink.write(values)
+            else:
+                for name in names:
+                    collected[name].append(values[name])
+            progbar.update(step + 1)
+    except BaseException:
+        if sink is not None:
+            sink.discard()
+        raise
+    if sink is not None:
+        return sink.close()
+    return {n: np.concatenate(v, axis=0) for n, v in collected.items()}
