@@ -5,6 +5,7 @@ predictions from one forward pass, and trains with losses on them in
 `model.fit`.
 """
 
+from keras_tap import callbacks
 from keras_tap import losses
 from keras_tap import plot
 from keras_tap import regularizers
@@ -19,6 +20,7 @@ __all__ = [
     "LayerRecord",
     "Tap",
     "TapModel",
+    "callbacks",
     "__version__",
     "list_layers",
     "losses",

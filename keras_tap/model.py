@@ -117,7 +117,29 @@ class TapModel(TargetsMixin, keras.Model):
             for n, t, _ in entries
             if t.has_terms
         ]
-        self._statistics = None
+        object.__setattr__(self, "_statistics", None)
+
+    def tap_shapes(self):
+        """`{tap_name: output shape}` (batch axis `None`)."""
+        return {
+            n: (None,) + tuple(p.shape[1:]) for n, _, p in self._tap_specs
+        }
+
+    def set_statistics(self, statistics):
+        """Switch in-step tap statistics on (`kt.callbacks.TapStatistics`
+        does this) or off (`None`); the train function is rebuilt."""
+        object.__setattr__(self, "_statistics", statistics)
+        self.train_function = None
+        if statistics is not None and getattr(self, "optimizer", None):
+            self.make_train_function(force=True)
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        statistics = getattr(self, "_statistics", None)
+        if statistics is not None:
+            metrics = metrics + list(statistics.metrics)
+        return metrics
 
     # -- resolution --------------------------------------------------------
 
@@ -248,8 +270,6 @@ class TapModel(TargetsMixin, keras.Model):
             with interceptor.watch():
                 predictions = self.base(inputs, training=training)
             taps = {n: interceptor.records[n] for n in self.tap_names}
-        if self._statistics is not None and training:
-            self._statistics.update(taps)
         return predictions, taps
 
     def teacher_taps(self, inputs):
@@ -417,6 +437,8 @@ class TapModel(TargetsMixin, keras.Model):
         trackers = {t.name[: -len("_loss")]: t for t in self._tap_loss_trackers}
         for tap_name, term in terms.items():
             trackers[tap_name].update_state(term, sample_weight=batch)
+        if training and self._statistics is not None:
+            self._statistics.update(taps, step)
         return trainer.guard_finite(total, terms, step, self._jit())
 
     def _jit(self):
