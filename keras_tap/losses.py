@@ -1,0 +1,536 @@
+"""Feature losses between a tap's activation and a target activation.
+
+Every loss here is a `keras.losses.Loss` called as `loss(target, activation)`
+(`y_true` is the target, e.g. the teacher's feature, `y_pred` the student's).
+Its `call` returns one float32 value per sample, shape `(batch,)`, so Keras
+applies `sample_weight`, the reduction and the distribution scaling itself;
+calling the loss returns that reduction, a float32 scalar by default.
+Activations are channels-last: `(batch, ..., channels)`.
+"""
+
+import difflib
+import math
+import numbers
+
+import keras
+from keras import ops
+
+__all__ = [
+    "AttentionTransfer",
+    "CosineFeature",
+    "FeatureMSE",
+    "GramMatrix",
+    "NST",
+    "Wrapped",
+    "get",
+]
+
+_PACKAGE = "keras_tap"
+
+
+def _check_number(
+    owner, name, value, *, minimum=0.0, strict=False, integer=False
+):
+    """Returns `value` as a float (or int), or raises a `ValueError`."""
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum)
+    if not ok:
+        noun = "an integer" if integer else "a finite number"
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ValueError(
+            f"Invalid value for argument `{name}` of `{owner}`: expected "
+            f"{noun} {bound}. Received: {name}={value!r}"
+        )
+    return int(value) if integer else float(value)
+
+
+def _as_float32(x, owner, min_rank):
+    x = ops.cast(x, "float32")
+    if len(x.shape) < min_rank:
+        raise ValueError(
+            f"`{owner}` expects activations of rank >= {min_rank} "
+            f"(batch first, channels last). Received: shape={x.shape}"
+        )
+    return x
+
+
+def _per_sample_mean(values):
+    if len(values.shape) <= 1:
+        return values
+    return ops.mean(values, axis=tuple(range(1, len(values.shape))))
+
+
+def _positions_by_channels(x):
+    """`(B, ..., C)` to `(B, N, C)`, N the number of spatial positions."""
+    channels = x.shape[-1] if x.shape[-1] is not None else ops.shape(x)[-1]
+    return ops.reshape(x, (ops.shape(x)[0], -1, channels))
+
+
+def _flatten(x):
+    """`(B, ...)` to `(B, prod(...))`."""
+    return ops.reshape(x, (ops.shape(x)[0], -1))
+
+
+def _l2_normalize(x, axis, epsilon):
+    norm = ops.sqrt(ops.sum(ops.square(x), axis=axis, keepdims=True))
+    return x / ops.maximum(norm, epsilon)
+
+
+class _FeatureLoss(keras.losses.Loss):
+    """Forwards `name`, `reduction` and `dtype`, and serializes them."""
+
+    def __init__(self, name=None, reduction="sum_over_batch_size", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self._dtype_config = None if dtype is None else self._dtype_policy.name
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "reduction": self.reduction,
+            "dtype": self._dtype_config,
+        }
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class FeatureMSE(_FeatureLoss):
+    """Mean squared error between features: the FitNets hint loss.
+
+    From "FitNets: Hints for Thin Deep Nets" (Romero et al., ICLR 2015). Per
+    sample `b`, with student `s` and target `t`:
+    `loss_b = mean_{i != b} (s_{b,i} - t_{b,i})^2`. Put a regressor in the
+    tap's `adapter` when the shapes differ.
+
+    Args:
+        name: Optional name for the loss instance.
+        reduction, dtype: As in `keras.losses.Loss`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_tap import losses
+    >>> t, s = np.zeros((2, 4, 4, 3)), np.ones((2, 4, 4, 3))
+    >>> round(float(losses.FeatureMSE()(t, s)), 4)
+    1.0
+    """
+
+    def __init__(
+        self, name="feature_mse", reduction="sum_over_batch_size", dtype=None
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+
+    def call(self, y_true, y_pred):
+        t = _as_float32(y_true, type(self).__name__, 1)
+        s = _as_float32(y_pred, type(self).__name__, 1)
+        return _per_sample_mean(ops.square(s - t))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class AttentionTransfer(_FeatureLoss):
+    """Activation-based attention transfer (Zagoruyko & Komodakis, 2017).
+
+    From "Paying More Attention to Attention" (ICLR 2017). The attention map
+    of an activation `A` of shape `(B, H, W, C)` (or `(B, L, C)`) sums the
+    channels, `Q = sum_c |A_c|^p`, flattened per sample and L2-normalised:
+
+    ```
+    q = Q / max(||Q||_2, eps)                 # eps = keras.config.epsilon()
+    loss_b = ||q_s - q_t||_2                  # per sample b
+    ```
+
+    The paper's `beta / 2` factor is the tap's `weight`. Student and target
+    need the same spatial size; their channel counts may differ.
+
+    Args:
+        p: Exponent of the attention map, a finite float >= 1 (below 1 the
+            gradient at zero activations is infinite). Defaults to `2`.
+        name: Optional name for the loss instance.
+        reduction, dtype: As in `keras.losses.Loss`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_tap import losses
+    >>> t = np.ones((2, 4, 4, 8))
+    >>> s = 3 * np.ones((2, 4, 4, 16))  # same attention, other channels
+    >>> round(float(losses.AttentionTransfer()(t, s)), 4)
+    0.0
+    """
+
+    def __init__(
+        self,
+        p=2,
+        name="attention_transfer",
+        reduction="sum_over_batch_size",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.p = _check_number(type(self).__name__, "p", p, minimum=1.0)
+
+    def _attention(self, x):
+        x = _as_float32(x, type(self).__name__, 3)
+        q = _flatten(ops.sum(ops.power(ops.abs(x), self.p), axis=-1))
+        return _l2_normalize(q, -1, keras.config.epsilon())
+
+    def call(self, y_true, y_pred):
+        diff = self._attention(y_pred) - self._attention(y_true)
+        tiny = keras.config.epsilon() ** 2  # finite gradient at diff == 0
+        return ops.sqrt(ops.maximum(ops.sum(ops.square(diff), axis=-1), tiny))
+
+    def get_config(self):
+        return {"p": self.p, **super().get_config()}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class GramMatrix(_FeatureLoss):
+    """Style loss between Gram matrices (Gatys et al., 2015).
+
+    From "A Neural Algorithm of Artistic Style". Per sample, the features
+    `F` of shape `(N, C)`, with `N = H * W` spatial positions, give
+    `G = F^T F / (N * C)` and
+
+    ```
+    loss_b = mean_{i, j} (G_s - G_t)_{ij}^2      # over the C x C entries
+    ```
+
+    Args:
+        name: Optional name for the loss instance.
+        reduction, dtype: As in `keras.losses.Loss`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_tap import losses
+    >>> t, s = np.zeros((1, 2, 2, 1)), np.ones((1, 2, 2, 1))
+    >>> round(float(losses.GramMatrix()(t, s)), 4)  # G_s = 4 / 4
+    1.0
+    """
+
+    def __init__(
+        self, name="gram_matrix", reduction="sum_over_batch_size", dtype=None
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+
+    def _gram(self, x):
+        f = _positions_by_channels(_as_float32(x, type(self).__name__, 2))
+        size = ops.cast(ops.shape(f)[1] * ops.shape(f)[2], "float32")
+        return ops.matmul(ops.transpose(f, (0, 2, 1)), f) / size
+
+    def call(self, y_true, y_pred):
+        diff = self._gram(y_pred) - self._gram(y_true)
+        return ops.mean(ops.square(diff), axis=(1, 2))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class CosineFeature(_FeatureLoss):
+    """One minus the cosine similarity of flattened features.
+
+    Per sample, with `s` and `t` flattened to vectors:
+
+    ```
+    loss_b = 1 - (s / max(||s||_2, eps)) . (t / max(||t||_2, eps))
+    ```
+
+    Args:
+        epsilon: Positive finite float, the smallest norm a vector is divided
+            by. Defaults to `None`, meaning `keras.config.epsilon()`.
+        name: Optional name for the loss instance.
+        reduction, dtype: As in `keras.losses.Loss`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_tap import losses
+    >>> t = np.array([[1.0, 0.0], [1.0, 0.0]])
+    >>> s = np.array([[2.0, 0.0], [0.0, 1.0]])
+    >>> round(float(losses.CosineFeature()(t, s)), 4)  # (0 + 1) / 2
+    0.5
+    """
+
+    def __init__(
+        self,
+        epsilon=None,
+        name="cosine_feature",
+        reduction="sum_over_batch_size",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        if epsilon is not None:
+            epsilon = _check_number(
+                type(self).__name__, "epsilon", epsilon, strict=True
+            )
+        self.epsilon = epsilon
+
+    def call(self, y_true, y_pred):
+        eps = keras.config.epsilon() if self.epsilon is None else self.epsilon
+        t = _flatten(_as_float32(y_true, type(self).__name__, 1))
+        s = _flatten(_as_float32(y_pred, type(self).__name__, 1))
+        cosine = ops.sum(
+            _l2_normalize(s, -1, eps) * _l2_normalize(t, -1, eps), axis=-1
+        )
+        return 1.0 - cosine
+
+    def get_config(self):
+        return {"epsilon": self.epsilon, **super().get_config()}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class NST(_FeatureLoss):
+    """Neuron selectivity transfer: MMD between channel distributions.
+
+    From "Like What You Like: Knowledge Distill via Neuron Selectivity
+    Transfer" (Huang & Wang, 2017). Per sample, each channel's flattened map
+    is one sample of a distribution, L2-normalised (`eps =
+    keras.config.epsilon()`): `s_i` for the `C_s` student channels, `t_j` for
+    the `C_t` target channels. With the polynomial kernel
+    `k(x, y) = (x . y + constant)^degree`:
+
+    ```
+    loss_b = mean_{i,i'} k(s_i, s_i') + mean_{j,j'} k(t_j, t_j')
+             - 2 * mean_{i,j} k(s_i, t_j)          # squared MMD
+    ```
+
+    Student and target need the same spatial size; their channel counts may
+    differ.
+
+    Args:
+        degree: Positive integer, the kernel's degree. Defaults to `2`.
+        constant: Non-negative finite float added to the dot product.
+            Defaults to `0.0`.
+        name: Optional name for the loss instance.
+        reduction, dtype: As in `keras.losses.Loss`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_tap import losses
+    >>> t = np.random.default_rng(0).normal(size=(2, 4, 4, 8))
+    >>> round(float(losses.NST()(t, t)), 4)
+    0.0
+    """
+
+    def __init__(
+        self,
+        degree=2,
+        constant=0.0,
+        name="nst",
+        reduction="sum_over_batch_size",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.degree = _check_number(
+            "NST", "degree", degree, minimum=1, integer=True
+        )
+        self.constant = _check_number("NST", "constant", constant)
+
+    def _channels(self, x):
+        x = _positions_by_channels(_as_float32(x, type(self).__name__, 3))
+        x = ops.transpose(x, (0, 2, 1))  # (B, C, N)
+        return _l2_normalize(x, -1, keras.config.epsilon())
+
+    def _kernel(self, a, b):
+        dot = ops.matmul(a, ops.transpose(b, (0, 2, 1))) + self.constant
+        return ops.mean(ops.power(dot, self.degree), axis=(1, 2))
+
+    def call(self, y_true, y_pred):
+        s, t = self._channels(y_pred), self._channels(y_true)
+        return (
+            self._kernel(s, s) + self._kernel(t, t) - 2.0 * self._kernel(s, t)
+        )
+
+    def get_config(self):
+        return {
+            "degree": self.degree,
+            "constant": self.constant,
+            **super().get_config(),
+        }
+
+
+_KERAS_ALIASES = ("mse", "mae", "mape", "msle", "kld", "bce")
+
+
+def _keras_names():
+    skip = ("Loss", "get", "serialize", "deserialize")
+    names = [n for n in dir(keras.losses) if n[0] != "_" and n not in skip]
+    return sorted(names) + list(_KERAS_ALIASES)
+
+
+def _resolve_keras_function(identifier):
+    try:
+        obj = keras.losses.get(identifier)
+    except ValueError:
+        obj = None
+    if obj is None:
+        valid = sorted(_BY_NAME) + _keras_names()
+        close = difflib.get_close_matches(identifier, valid, n=3, cutoff=0.5)
+        hint = f" Did you mean {close}?" if close else ""
+        raise ValueError(
+            f"Unknown loss: {identifier!r}.{hint} Expected a keras_tap loss "
+            f"name ({sorted(_BY_NAME)}) or a Keras loss identifier "
+            "('mse', 'mae', 'categorical_crossentropy', ...)."
+        )
+    return obj
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class Wrapped(_FeatureLoss):
+    """A loss function, or a Keras loss identifier, as a `Loss`.
+
+    The function's values are cast to float32 and averaged over every axis
+    but the batch axis, so `call` returns one value per sample and the loss
+    reduces with `reduction` (`"sum_over_batch_size"`) and applies
+    `sample_weight`, as Keras does for its own losses.
+
+    Args:
+        fn: A Keras loss function identifier (`"mse"`,
+            `"categorical_crossentropy"`, ...) kept as given for
+            serialization, or a callable `fn(y_true, y_pred)`. A callable
+            serializes as Keras serializes functions: a lambda does not load
+            back in safe mode, a function registered with
+            `keras.saving.register_keras_serializable` does.
+        name: Optional name for the loss instance. Defaults to the identifier
+            or the function's name.
+        reduction, dtype: As in `keras.losses.Loss`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_tap import losses
+    >>> loss = losses.Wrapped("mse")
+    >>> round(float(loss(np.zeros((2, 3)), np.ones((2, 3)), [1.0, 0.0])), 4)
+    0.5
+    """
+
+    def __init__(
+        self, fn, name=None, reduction="sum_over_batch_size", dtype=None
+    ):
+        if isinstance(fn, str):
+            function = _resolve_keras_function(fn)
+            if isinstance(function, keras.losses.Loss):
+                raise ValueError(
+                    "Invalid value for argument `fn` of `Wrapped`: expected "
+                    f"a loss function identifier, but {fn!r} names a `Loss` "
+                    "class; use that class directly."
+                )
+        elif callable(fn) and not isinstance(fn, type):
+            function = fn
+        else:
+            raise ValueError(
+                "Invalid value for argument `fn` of `Wrapped`: expected a "
+                f"loss identifier string or a function. Received: fn={fn!r}"
+            )
+        if name is None:
+            name = (
+                fn
+                if isinstance(fn, str)
+                else getattr(fn, "__name__", "wrapped")
+            )
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.fn = fn
+        self._function = function
+
+    def call(self, y_true, y_pred):
+        y_true, y_pred = (
+            ops.convert_to_tensor(y_true),
+            ops.cast(y_pred, "float32"),
+        )
+        if keras.backend.is_float_dtype(y_true.dtype):
+            y_true = ops.cast(y_true, "float32")
+        values = self._function(y_true, y_pred)
+        return _per_sample_mean(ops.cast(values, "float32"))
+
+    def __repr__(self):
+        return f"<Wrapped fn={self.fn!r}>"
+
+    def get_config(self):
+        fn = self.fn
+        if not isinstance(fn, str):
+            fn = keras.saving.serialize_keras_object(fn)
+        return {"fn": fn, **super().get_config()}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config["fn"], dict):
+            config["fn"] = keras.saving.deserialize_keras_object(config["fn"])
+        return cls(**config)
+
+
+_CLASSES = (AttentionTransfer, CosineFeature, FeatureMSE, GramMatrix, NST)
+_ALIASES = {
+    "attention_transfer": AttentionTransfer,
+    "cosine_feature": CosineFeature,
+    "feature_mse": FeatureMSE,
+    "gram_matrix": GramMatrix,
+    "nst": NST,
+}
+_BY_NAME = {**{cls.__name__: cls for cls in _CLASSES}, **_ALIASES}
+
+
+def _from_string(identifier):
+    cls = _BY_NAME.get(identifier) or _ALIASES.get(identifier.lower())
+    if cls is not None:
+        return cls()
+    if ">" in identifier:
+        registered = keras.saving.get_registered_object(identifier)
+        if registered is not None:
+            return get(registered)
+    obj = _resolve_keras_function(identifier)
+    if isinstance(obj, keras.losses.Loss):
+        return obj
+    return Wrapped(identifier)
+
+
+def get(identifier):
+    """Retrieves a loss as a `keras.losses.Loss` from an identifier.
+
+    Args:
+        identifier: `None`; a `keras_tap` loss name (class name or snake
+            case: `"FeatureMSE"`, `"feature_mse"`, `"nst"`); a Keras loss
+            identifier (`"mse"`, `"MeanSquaredError"`, ...); a serialization
+            dict from `keras.saving.serialize_keras_object`; a `Loss` class
+            or instance; or a loss function `fn(y_true, y_pred)`.
+
+    Returns:
+        A `keras.losses.Loss` (`None` for `None`). A name builds the loss with
+        its default arguments; Keras function identifiers and functions are
+        wrapped in `Wrapped`, which reduces with `"sum_over_batch_size"` and
+        accepts `sample_weight`.
+
+    Raises:
+        ValueError: if the identifier cannot be interpreted; an unknown name
+            lists the closest valid names.
+
+    Example:
+
+    >>> from keras_tap import losses
+    >>> losses.get("feature_mse").name
+    'feature_mse'
+    >>> losses.get("mse")
+    <Wrapped fn='mse'>
+    """
+    if identifier is None:
+        return None
+    if isinstance(identifier, keras.losses.Loss):
+        return identifier
+    if isinstance(identifier, str):
+        return _from_string(identifier)
+    if isinstance(identifier, dict):
+        cls = _BY_NAME.get(identifier.get("class_name"))
+        if cls is not None and identifier.get("module") in (None, __name__):
+            return cls.from_config(identifier.get("config") or {})
+        try:
+            return get(keras.losses.get(identifier))
+        except TypeError as error:  # an unknown class name
+            raise ValueError(f"Unknown loss: {error}") from error
+    if isinstance(identifier, type):
+        if issubclass(identifier, keras.losses.Loss):
+            return identifier()
+    elif callable(identifier):
+        return Wrapped(identifier)
+    raise ValueError(
+        "Could not interpret loss identifier: expected a name, a "
+        "serialization dict, a `keras.losses.Loss` or a function. "
+        f"Received: identifier={identifier!r}"
+    )
