@@ -5,14 +5,9 @@ predictions from one forward pass, and trains with losses on them in
 `model.fit`.
 """
 
-from keras_tap import callbacks
-from keras_tap import losses
-from keras_tap import plot
-from keras_tap import regularizers
-from keras_tap import schedules
+from keras_tap import callbacks, losses, plot, regularizers, schedules
 from keras_tap.model import TapModel
-from keras_tap.paths import LayerRecord
-from keras_tap.paths import list_layers
+from keras_tap.paths import LayerRecord, list_layers
 from keras_tap.tap import Tap
 from keras_tap.version import __version__
 

@@ -151,6 +151,18 @@ def _only_x(element, unpack):
     return element
 
 
+def _check_npz_path(path):
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        path = None
+    if not isinstance(path, str) or not path.endswith(".npz"):
+        raise ValueError(
+            f"`to` must be a path ending in '.npz'; received {path!r}."
+        )
+    return path
+
+
 class NpzStream:
     """Writes arrays batch by batch into a `.npz`, in constant memory.
 
@@ -160,11 +172,7 @@ class NpzStream:
     """
 
     def __init__(self, path):
-        path = os.fspath(path)
-        if not path.endswith(".npz"):
-            raise ValueError(
-                f"`to` must be a path ending in '.npz'; received {path!r}."
-            )
+        path = _check_npz_path(path)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         self.path = path
@@ -172,22 +180,44 @@ class NpzStream:
         self.meta = {}
 
     def write(self, arrays):
-        for i, (name, array) in enumerate(arrays.items()):
+        for name, array in arrays.items():
             array = np.ascontiguousarray(array)
             meta = self.meta.get(name)
             if meta is None:
                 meta = self.meta[name] = {
-                    "file": os.path.join(self.tmp, f"{i}.raw"),
+                    "file": os.path.join(self.tmp, f"{len(self.meta)}.raw"),
                     "dtype": array.dtype,
                     "shape": array.shape[1:],
                     "rows": 0,
                 }
+            elif (array.shape[1:], array.dtype) != (
+                meta["shape"],
+                meta["dtype"],
+            ):
+                raise ValueError(
+                    f"Tap {name!r}: a batch has shape {array.shape[1:]} and "
+                    f"dtype {array.dtype}, but earlier batches had "
+                    f"{meta['shape']} and {meta['dtype']}; one array cannot "
+                    "hold both. Use inputs of one shape, or `reduce=` to "
+                    "pool the varying axes."
+                )
             with open(meta["file"], "ab") as f:
                 f.write(array.tobytes())
             meta["rows"] += array.shape[0]
 
     def close(self):
         partial = self.path + ".partial"
+        try:
+            self._write_zip(partial)
+        except BaseException:
+            if os.path.exists(partial):
+                os.remove(partial)
+            raise
+        os.replace(partial, self.path)
+        self.discard()
+        return self.path
+
+    def _write_zip(self, partial):
         with zipfile.ZipFile(partial, "w", allowZip64=True) as archive:
             for name, meta in self.meta.items():
                 header = {
@@ -199,9 +229,6 @@ class NpzStream:
                     np.lib.format.write_array_header_2_0(f, header)
                     with open(meta["file"], "rb") as raw:
                         shutil.copyfileobj(raw, f, 1 << 22)
-        os.replace(partial, self.path)
-        self.discard()
-        return self.path
 
     def discard(self):
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -210,31 +237,39 @@ class NpzStream:
 def extract(tap_model, data, *, taps, batch_size, reduce, to, verbose):
     """See `TapModel.extract`."""
     _check_reduce(reduce)
+    if to is not None:
+        _check_npz_path(to)
     names, points = _requested(tap_model, taps)
+    batches, count = _batches(data, batch_size)
     key = (tuple(names), reduce)
     extractor = tap_model._extractors.get(key)
     if extractor is None:
         extractor = Extractor(tap_model, names, points, reduce)
         tap_model._extractors[key] = extractor
-    batches, count = _batches(data, batch_size)
     if verbose == "auto":
         verbose = 1
     progbar = keras.utils.Progbar(count, verbose=1 if verbose else 0)
     sink = NpzStream(to) if to is not None else None
     collected = {n: [] for n in names}
+    steps = 0
     try:
-        for step, batch in enumerate(batches):
+        for batch in batches:
             values = extractor.predict_on_batch(batch)
             if sink is not None:
                 sink.write(values)
             else:
                 for name in names:
                     collected[name].append(values[name])
-            progbar.update(step + 1)
+            steps += 1
+            progbar.update(steps)
+        if not steps:
+            raise ValueError(
+                "`data` is empty: it gave no batch to extract from."
+            )
+        if sink is not None:
+            return sink.close()
     except BaseException:
         if sink is not None:
             sink.discard()
         raise
-    if sink is not None:
-        return sink.close()
     return {n: np.concatenate(v, axis=0) for n, v in collected.items()}

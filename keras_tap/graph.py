@@ -39,9 +39,19 @@ def is_graph_model(model):
     return is_sequential(model) or is_functional(model)
 
 
-def _none_batch(tensor):
+def _none_batch(tensor, name=None):
     shape = (None,) + tuple(tensor.shape[1:])
-    return keras.Input(batch_shape=shape, dtype=tensor.dtype)
+    return keras.Input(batch_shape=shape, dtype=tensor.dtype, name=name)
+
+
+def free_batch_inputs(structure):
+    """New `keras.Input`s like `structure`'s, the batch dimension free.
+
+    Dict inputs keep their keys as names, as Keras requires.
+    """
+    if isinstance(structure, dict):
+        return {k: _none_batch(v, name=k) for k, v in structure.items()}
+    return keras.tree.map_structure(_none_batch, structure)
 
 
 def functional_view(model):
@@ -65,8 +75,19 @@ def functional_view(model):
                 "yet. Build it first (`model.build(input_shape)`), call it "
                 "once on a batch, or start it with a `keras.Input`."
             )
-        return keras.Model(inputs, outputs, name=model.name)
+        return keras.Model(
+            unpack_singleton(inputs),
+            unpack_singleton(outputs),
+            name=model.name,
+        )
     return model
+
+
+def unpack_singleton(value):
+    """A list or tuple of one element -> the element, as Keras calls do."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        return value[0]
+    return value
 
 
 class Point:
@@ -127,7 +148,7 @@ class GraphTrace:
         view = functional_view(model)
         self.points = {}
         self.opaque = {}
-        inputs = keras.tree.map_structure(_none_batch, view.input)
+        inputs = free_batch_inputs(view.input)
         rebuilt = self._inline(view, inputs, prefix="", training=None)
         self.inputs = inputs
         self.outputs = rebuilt
@@ -139,7 +160,36 @@ class GraphTrace:
         )
 
     def _inline(self, model, inputs, prefix, training):
+        """Re-run `model`'s graph on `inputs`, recording every layer call.
+
+        `clone_model` builds a Functional model from its `input_tensors`;
+        when those are intermediate tensors of the outer graph (a nested
+        model called after other layers), Keras re-wires copies of the
+        graph to new inputs, and the clone's outputs no longer connect to
+        the outer graph. So a nested model is cloned against fresh
+        `keras.Input`s (its "anchors"), and each of its layer calls is made
+        twice: on the anchors' graph, which `clone_model` sees, and on the
+        outer tensors, which are recorded and returned.
+        """
         view = functional_view(model)
+        if prefix:
+            anchors = free_batch_inputs(view.input)
+            links = {
+                id(anchor): tensor
+                for anchor, tensor in zip(
+                    keras.tree.flatten(anchors), keras.tree.flatten(inputs)
+                )
+            }
+        else:
+            anchors, links = inputs, None
+        kept = []  # Keep linked tensors alive: `links` is keyed by `id`.
+
+        def outer(structure):
+            if links is None:
+                return structure
+            return keras.tree.map_structure(
+                lambda value: links.get(id(value), value), structure
+            )
 
         def call_function(layer, *args, **kwargs):
             # An explicit `training=` on the call of a nested model (a
@@ -148,32 +198,47 @@ class GraphTrace:
             if training is not None and "training" not in kwargs:
                 if _accepts_training(layer):
                     kwargs["training"] = training
-            if isinstance(layer, keras.layers.InputLayer):
-                return layer(*args, **kwargs)
-            if not isinstance(layer, keras.layers.Layer):
-                return layer(*args, **kwargs)  # a bare op, e.g. `x + 1`.
-            path = prefix + layer.name
-            if is_graph_model(layer):
-                outputs = self._inline(
-                    layer,
-                    args[0],
-                    prefix=path + SEPARATOR,
-                    training=kwargs.get("training", training),
-                )
-            else:
-                outputs = layer(*args, **kwargs)
-                if isinstance(layer, keras.Model):
-                    self.opaque[path] = layer
-            self._record(path, layer, outputs)
-            return outputs
+            outputs = self._call(layer, prefix, outer(args), outer(kwargs))
+            if links is None:
+                return outputs
+            shadow = layer(*args, **kwargs)
+            for anchored, tensor in zip(
+                keras.tree.flatten(shadow), keras.tree.flatten(outputs)
+            ):
+                links[id(anchored)] = tensor
+                kept.append(anchored)
+            return shadow
 
         clone = keras.models.clone_model(
             view,
-            input_tensors=inputs,
+            input_tensors=anchors,
             clone_function=lambda layer: layer,
             call_function=call_function,
         )
-        return clone.output
+        # A Functional model called on a batch returns a lone output bare,
+        # even when it was built with `outputs=[y]`.
+        return outer(unpack_singleton(clone.output))
+
+    def _call(self, layer, prefix, args, kwargs):
+        """Call one layer on connected tensors and record the call."""
+        if isinstance(layer, keras.layers.InputLayer):
+            return layer(*args, **kwargs)
+        if not isinstance(layer, keras.layers.Layer):
+            return layer(*args, **kwargs)  # a bare op, e.g. `x + 1`.
+        path = prefix + layer.name
+        if is_graph_model(layer):
+            outputs = self._inline(
+                layer,
+                args[0],
+                prefix=path + SEPARATOR,
+                training=kwargs.get("training"),
+            )
+        else:
+            outputs = layer(*args, **kwargs)
+            if isinstance(layer, keras.Model):
+                self.opaque[path] = layer
+        self._record(path, layer, outputs)
+        return outputs
 
 
 class StopForward(Exception):
@@ -298,8 +363,11 @@ def trace_calls(model):
         inner = original_wrap(layer, original)
 
         def call(*args, **kwargs):
+            outputs = inner(*args, **kwargs)
+            # Listed as its call ends: a nested model after its layers, as
+            # in a `GraphTrace`.
             order.append(id(layer))
-            return inner(*args, **kwargs)
+            return outputs
 
         return call
 

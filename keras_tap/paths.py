@@ -74,38 +74,51 @@ class LayerIndex:
     def _error(self, spec, problem, candidates=None):
         pool = candidates if candidates is not None else self.point_names()
         close = difflib.get_close_matches(str(spec), pool, n=5, cutoff=0.5)
-        if not close and "/" in str(spec):
+        if not close and graph.SEPARATOR in str(spec):
             # A wrong nested prefix: suggest by the last component too.
-            last = str(spec).rsplit("/", 1)[-1]
-            close = [p for p in pool if p.rsplit("/", 1)[-1] == last][:5]
+            last = str(spec).rsplit(graph.SEPARATOR, 1)[-1]
+            close = [
+                p for p in pool if p.rsplit(graph.SEPARATOR, 1)[-1] == last
+            ][:5]
         hint = f" Closest valid paths: {close}." if close else ""
         return ValueError(
-            f"Tap {spec!r}: {problem} in model '{self.model.name}'.{hint} "
+            f"Tap {spec!r} in model '{self.model.name}': {problem}.{hint} "
             "Call `kt.list_layers(model)` to see every layer path."
         )
 
-    def _nested_problem(self, path):
-        """Explain a path that goes through something that is not a model."""
+    def _missing_problem(self, path):
+        """Explain why `path` is not a tappable point of the model."""
         parts = path.split(graph.SEPARATOR)
-        for i in range(1, len(parts)):
-            prefix = graph.SEPARATOR.join(parts[:i])
-            if prefix in self.points:
-                layer = self.points[prefix][0].layer if self.points[
-                    prefix
-                ] else None
-                if self.trace is not None and prefix in self.trace.opaque:
+        layer = self.model
+        for i, part in enumerate(parts):
+            parent = graph.SEPARATOR.join(parts[:i])
+            if i and self.trace is not None and parent in self.trace.opaque:
+                return (
+                    f"'{parent}' is a subclassed model nested in a graph "
+                    "model; its inner layers are not part of the graph "
+                    f"(tap '{parent}' itself, or tap the nested model "
+                    "directly)"
+                )
+            if i and not isinstance(layer, keras.Model):
+                return (
+                    f"'{parent}' is a {type(layer).__name__} layer, not "
+                    "a nested model, so nothing is below it"
+                )
+            try:
+                layer = layer.get_layer(part)
+            except ValueError:
+                if parent:
                     return (
-                        f"'{prefix}' is a subclassed model nested in a graph "
-                        "model; its inner layers are not part of the graph "
-                        f"(tap '{prefix}' itself, or tap the nested model "
-                        "directly)"
+                        f"the nested model '{parent}' has no layer named "
+                        f"'{part}'"
                     )
-                if layer is not None and not isinstance(layer, keras.Model):
-                    return (
-                        f"'{prefix}' is a {type(layer).__name__} layer, not "
-                        "a nested model, so nothing is below it"
-                    )
-        return None
+                return f"no layer is named '{part}'"
+        if isinstance(layer, keras.layers.InputLayer):
+            return (
+                "this is an input layer; its output is the model's input, "
+                "not a tappable point"
+            )
+        return "the layer is not called on the way from the model's inputs"
 
     def resolve(self, spec):
         """Resolve one tap spec into `[(name, Point), ...]`.
@@ -135,8 +148,7 @@ class LayerIndex:
         path, index = split_call(spec)
         calls = self.points.get(path)
         if calls is None:
-            problem = self._nested_problem(path) or "no layer has this path"
-            raise self._error(spec, problem)
+            raise self._error(spec, self._missing_problem(path))
         if not calls:
             raise self._error(
                 spec, "this layer is never called when the model runs"

@@ -1,0 +1,239 @@
+"""Layer paths: `kt.list_layers` and the errors of path resolution."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_tap as kt
+from keras_tap import paths
+
+
+@pytest.fixture
+def nested():
+    """`pre -> outer(mid -> inner(deep)) -> head`, `enc` shared twice."""
+    keras.utils.set_random_seed(0)
+    inner_in = keras.Input((5,), name="inner_in")
+    inner = keras.Model(
+        inner_in, keras.layers.Dense(3, name="deep")(inner_in), name="inner"
+    )
+    outer_in = keras.Input((5,), name="outer_in")
+    mid = keras.layers.Dense(5, name="mid")(outer_in)
+    outer = keras.Model(outer_in, inner(mid), name="outer")
+    inputs = keras.Input((4,), name="x")
+    enc = keras.layers.Dense(5, name="enc")
+    pre = keras.layers.Dense(4, name="pre")(inputs)
+    hidden = keras.layers.Add(name="add")([enc(inputs), enc(pre)])
+    outputs = keras.layers.Dense(2, name="head")(outer(hidden))
+    return keras.Model(inputs, outputs, name="net")
+
+
+# -- list_layers --------------------------------------------------------------
+
+
+def test_list_layers_records(nested):
+    records = kt.list_layers(nested)
+    assert all(isinstance(r, kt.LayerRecord) for r in records)
+    by_path = {r.path: r for r in records}
+    # Graph order; nested models expanded (inner layers, then the model
+    # call itself); input layers left out.
+    order = [r.path for r in records]
+    assert sorted(order[:2]) == ["enc", "pre"]  # Same depth: either order.
+    assert order[2:] == [
+        "add",
+        "outer/mid",
+        "outer/inner/deep",
+        "outer/inner",
+        "outer",
+        "head",
+    ]
+    assert by_path["enc"].calls == 2
+    assert all(r.calls == 1 for p, r in by_path.items() if p != "enc")
+    assert by_path["outer/inner/deep"].class_name == "Dense"
+    assert by_path["outer"].class_name == "Functional"
+    assert by_path["add"].class_name == "Add"
+    assert by_path["outer/inner/deep"].output_shape == (None, 3)
+    assert by_path["head"].output_shape == (None, 2)
+    outer = nested.get_layer("outer")
+    layers = {
+        "enc": nested.get_layer("enc"),
+        "outer": outer,
+        "outer/mid": outer.get_layer("mid"),
+        "outer/inner/deep": outer.get_layer("inner").get_layer("deep"),
+        "add": nested.get_layer("add"),
+    }
+    for path, layer in layers.items():
+        assert by_path[path].params == layer.count_params(), path
+    assert by_path["enc"].params == 4 * 5 + 5
+    assert by_path["outer"].params == 5 * 5 + 5 + 5 * 3 + 3
+
+
+def test_list_layers_sequential_without_input():
+    model = keras.Sequential(
+        [keras.layers.Conv2D(2, 3, name="conv"),
+         keras.layers.Flatten(name="flatten")]
+    )
+    model.build((None, 6, 6, 1))
+    records = kt.list_layers(model)
+    assert [(r.path, r.class_name) for r in records] == [
+        ("conv", "Conv2D"),
+        ("flatten", "Flatten"),
+    ]
+    assert records[0].output_shape == (None, 4, 4, 2)
+    assert records[1].output_shape == (None, 32)
+    assert records[0].params == 3 * 3 * 1 * 2 + 2
+
+
+class Siamese(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.tower = keras.layers.Dense(3, name="tower")
+        self.unused = keras.layers.Dense(3, name="unused")
+        self.head = keras.layers.Dense(1, name="head")
+
+    def build(self, input_shape):
+        self.unused.build((None, 2))  # Built, but never called.
+
+    def call(self, inputs):
+        left, right = inputs[:, :2], inputs[:, 2:]
+        return self.head(self.tower(left) - self.tower(right))
+
+
+def test_list_layers_subclassed():
+    model = Siamese(name="siamese")
+    model(np.zeros((2, 4), "float32"))
+    records = kt.list_layers(model)
+    by_path = {r.path: r for r in records}
+    assert [r.path for r in records][:2] == ["tower", "head"]
+    assert by_path["tower"].calls == 2
+    assert by_path["tower"].output_shape == (None, 3)
+    assert by_path["tower"].params == model.tower.count_params() == 9
+    assert by_path["head"].output_shape == (None, 1)
+    # Never called: listed with no calls, so a path to it errors clearly.
+    assert by_path["unused"].calls == 0
+    with pytest.raises(ValueError, match="never called"):
+        kt.TapModel(model, "unused")
+    with pytest.raises(ValueError, match="ambiguous"):
+        kt.TapModel(model, "tower")
+    tap_model = kt.TapModel(model, ["tower@0", "tower@1"])
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
+    _, taps = tap_model(x)
+    np.testing.assert_allclose(taps["tower@1"], model.tower(x[:, 2:]))
+
+
+def test_list_layers_accepts_an_index(nested):
+    index = paths.LayerIndex(nested)
+    assert kt.list_layers(index) == kt.list_layers(nested)
+
+
+def test_list_layers_rejects_non_models():
+    with pytest.raises(TypeError, match=r"received list"):
+        kt.list_layers([1, 2])
+
+
+# -- resolution ---------------------------------------------------------------
+
+
+def test_resolve_names_and_calls(nested):
+    index = paths.LayerIndex(nested)
+    [(name, point)] = index.resolve("enc@1")
+    assert (name, point.path, point.index) == ("enc@1", "enc", 1)
+    [(name, point)] = index.resolve("outer/inner/deep@0")
+    assert (name, point.path, point.index) == ("outer/inner/deep@0",
+                                               "outer/inner/deep", 0)
+    names = [n for n, _ in index.resolve("re:outer/.*")]
+    assert names == ["outer/mid", "outer/inner/deep", "outer/inner"]
+    assert [n for n, _ in index.resolve("re:enc")] == ["enc@0", "enc@1"]
+
+
+def test_split_call():
+    assert paths.split_call("enc@1") == ("enc", 1)
+    assert paths.split_call("enc") == ("enc", None)
+    assert paths.split_call("a@b") == ("a@b", None)
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (
+            "hed",
+            r"Tap 'hed' in model 'net': no layer is named 'hed'\. "
+            r"Closest valid paths: \['head'\]\. Call `kt.list_layers",
+        ),
+        (
+            "outer/inner/dep",
+            r"nested model 'outer/inner' has no layer named 'dep'.*"
+            r"'outer/inner/deep'.*kt.list_layers",
+        ),
+        ("outer/nope/deep", r"nested model 'outer' has no layer named 'nope'"),
+        ("nope/deep", r"no layer is named 'nope'.*'outer/inner/deep'"),
+        ("head/kernel", r"'head' is a Dense layer, not a nested model"),
+        ("outer/mid/x", r"'outer/mid' is a Dense layer, not a nested model"),
+        ("x", r"input layer"),
+        ("enc@2", r"call index 2 is out of range.*called 2 time.*enc@1"),
+        ("head@1", r"call index 1 is out of range.*\['head', 'head@0'\]"),
+        ("enc", r"called 2 times.*ambiguous.*\['enc@0', 'enc@1'\]"),
+        ("re:nothing.*", r"'re:nothing\.\*'.*matches no layer.*list_layers"),
+        ("re:enc(", r"'re:enc\(': invalid regular expression"),
+        (3, r"layer path \(str\) or a keras.layers.Layer.*received int"),
+    ],
+)
+def test_resolution_errors(nested, spec, match):
+    error = TypeError if isinstance(spec, int) else ValueError
+    with pytest.raises(error, match=match):
+        paths.LayerIndex(nested).resolve(spec)
+    if error is ValueError:
+        with pytest.raises(ValueError, match=match):
+            kt.TapModel(nested, [spec])
+
+
+def test_layer_object_not_in_model(nested):
+    stranger = keras.layers.Dense(2, name="head")
+    with pytest.raises(ValueError, match=r"not part of model 'net'"):
+        kt.TapModel(nested, stranger)
+
+
+def test_subclassed_nested_in_graph_model_is_opaque():
+    inner = Siamese(name="sub")
+    inner(np.zeros((1, 4), "float32"))
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(
+        inner(inputs)))
+    assert [r.path for r in kt.list_layers(model)] == ["sub", "out"]
+    with pytest.raises(ValueError, match=r"'sub' is a subclassed model"):
+        kt.TapModel(model, "sub/tower@0")
+    # The subclassed model's own output is a point.
+    x = np.ones((2, 4), "float32")
+    _, taps = kt.TapModel(model, "sub")(x)
+    np.testing.assert_allclose(taps["sub"], inner(x), rtol=1e-6)
+
+
+class Wrapper(keras.Model):
+    """A subclassed model calling another subclassed model."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.body = Siamese(name="body")
+        self.out = keras.layers.Dense(2, name="out")
+
+    def call(self, inputs):
+        return self.out(self.body(inputs))
+
+
+def test_list_layers_nested_subclassed_in_call_order():
+    model = Wrapper(name="wrapper")
+    x = np.random.default_rng(1).normal(size=(3, 4)).astype("float32")
+    model(x)
+    records = kt.list_layers(model)
+    # Like graph models: a nested model is listed after its layers.
+    assert [(r.path, r.calls) for r in records] == [
+        ("body/tower", 2),
+        ("body/head", 1),
+        ("body", 1),
+        ("out", 1),
+        ("body/unused", 0),
+    ]
+    _, taps = kt.TapModel(model, ["body/head", "body/tower@1"])(x)
+    np.testing.assert_allclose(taps["body/head"], model.body(x), rtol=1e-6)
+    np.testing.assert_allclose(
+        taps["body/tower@1"], model.body.tower(x[:, 2:]), rtol=1e-6
+    )
