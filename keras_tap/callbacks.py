@@ -39,12 +39,18 @@ class TapStatisticsMetric(keras.metrics.Metric):
     def update_state(self, activation, sample_weight=None):
         a = ops.cast(activation, "float32")
         a = ops.reshape(a, (-1, self.channels))
-        size = ops.cast(ops.size(a), "float32")
-        self.total.assign_add(ops.sum(a))
-        self.squares.assign_add(ops.sum(a * a))
-        self.count.assign_add(size)
+        rows = ops.shape(a)[0]
+        # Column sums as a (1, N) x (N, C) product: one fast pass each on
+        # CPUs and GPUs, where a reduction over axis 0 is slower.
+        ones = ops.ones((1, rows), dtype="float32")
+        sums = ops.matmul(ones, a)[0]
+        squares = ops.matmul(ones, ops.square(a))[0]
+        self.total.assign_add(ops.sum(sums))
+        self.squares.assign_add(ops.sum(squares))
+        self.count.assign_add(ops.cast(rows * self.channels, "float32"))
         self.zeros.assign_add(ops.sum(ops.cast(ops.equal(a, 0.0), "float32")))
-        self.activity.assign_add(ops.sum(ops.abs(a), axis=0))
+        # A channel is dead while its sum of squares stays exactly zero.
+        self.activity.assign_add(squares)
 
     def result(self):
         count = ops.maximum(self.count, 1.0)
@@ -155,16 +161,21 @@ class TapStatistics(keras.callbacks.Callback):
                 f"trained is a {type(model).__name__}."
             )
         shapes = model.tap_shapes()
-        scope = getattr(model, "distribute_strategy", None)
-        context = scope.scope() if scope is not None else (
-            contextlib.nullcontext()
-        )
-        with context:
-            metrics = [
-                TapStatisticsMetric(name, shapes[name][-1] or 1)
-                for name in self._select(model)
-            ]
-        model.set_statistics(Statistics(metrics, self.every))
+        selected = self._select(model)
+        strategy = getattr(model, "distribute_strategy", None)
+
+        def factory():
+            scope = strategy.scope() if strategy is not None else (
+                contextlib.nullcontext()
+            )
+            with scope:
+                metrics = [
+                    TapStatisticsMetric(name, shapes[name][-1] or 1)
+                    for name in selected
+                ]
+            return Statistics(metrics, self.every)
+
+        model.set_statistics((tuple(selected), self.every), factory)
 
     def on_train_end(self, logs=None):
         self.model.set_statistics(None)

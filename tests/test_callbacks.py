@@ -157,3 +157,28 @@ def test_statistics_metric_serialization():
     assert restored.get_config() == metric.get_config()
     callback = kt.callbacks.TapStatistics(taps=["a"], every=3)
     assert kt.callbacks.TapStatistics(**callback.get_config()).every == 3
+
+
+def test_statistics_train_functions_are_reused():
+    tap_model = kt.TapModel(_model(), ["conv"])
+    tap_model.compile("sgd", "mse")
+    x, y = _data()
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(self.model.train_function)
+
+    def fit(callbacks):
+        tap_model.fit(x, y, epochs=1, batch_size=48, verbose=0,
+                      callbacks=callbacks + [Record()])
+        return seen[-1]
+
+    with_stats = fit([kt.callbacks.TapStatistics()])
+    plain = fit([])
+    assert with_stats is not plain
+    assert fit([kt.callbacks.TapStatistics()]) is with_stats
+    assert fit([]) is plain
+    # A new compile forgets them: the new optimizer must be used.
+    tap_model.compile("adam", "mse")
+    assert fit([kt.callbacks.TapStatistics()]) is not with_stats
