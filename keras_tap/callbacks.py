@@ -78,6 +78,8 @@ class Statistics:
     def __init__(self, metrics, every):
         self.metrics = metrics
         self.every = every
+        # Hidden during validation, which computes no statistics.
+        self.visible = True
 
     def update(self, taps, step):
         def record():
@@ -179,6 +181,17 @@ class TapStatistics(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self.model.set_statistics(None)
+
+    def _show(self, visible):
+        statistics = getattr(self.model, "_statistics", None)
+        if statistics is not None:
+            statistics.visible = visible
+
+    def on_test_begin(self, logs=None):
+        self._show(False)
+
+    def on_test_end(self, logs=None):
+        self._show(True)
 
     def get_config(self):
         return {"taps": self.taps, "every": self.every}

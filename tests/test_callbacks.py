@@ -66,6 +66,17 @@ def test_statistics_match_numpy():
     assert history.history["conv_dead_channels"][0] == 1.0
 
 
+def test_statistics_not_in_validation_logs():
+    tap_model = kt.TapModel(_model(), ["conv"])
+    tap_model.compile("sgd", "mse")
+    x, y = _data()
+    history = tap_model.fit(x, y, epochs=2, verbose=0, validation_split=0.25,
+                            callbacks=[kt.callbacks.TapStatistics()])
+    assert "conv_mean" in history.history
+    assert not [k for k in history.history if k.startswith("val_conv")]
+    assert "val_loss" in history.history
+
+
 def test_statistics_every_and_subset():
     model = _model()
     tap_model = kt.TapModel(model, ["conv", "dense"])

@@ -1,0 +1,370 @@
+"""The `keras-tap` command: train, validate, layers, extract and plot.
+
+```
+keras-tap train CONFIG [--set key.path=value ...] [--resume | --overwrite]
+keras-tap validate CONFIG [--set key.path=value ...]
+keras-tap layers MODEL_OR_CONFIG
+keras-tap extract MODEL_OR_CONFIG [--data DATA] --taps T [T ...]
+                  [--reduce mean|max] --out feats.npz
+keras-tap plot RUN_DIR [--out DIR]
+keras-tap plot --features MODEL_OR_CONFIG [--data DATA] --taps T [T ...]
+               [--sample 0] --out DIR
+```
+
+`MODEL_OR_CONFIG` is a `.keras` file (loaded in safe mode), a run
+directory (its `model.keras`) or a config (the trained model of its run
+directory when there is one, else the model it builds). `DATA` is a dataset
+name (`sklearn_digits`, `mnist`, ...), a `.npz` file (array `--x-key`), a
+`.npy` file or an image directory; it defaults to a config's data.
+
+Bad input prints one line, `keras-tap: error: <key path>: <message>`, to
+stderr and exits with status 2. This is the only module of keras_tap that
+prints.
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from keras_tap import config as config_lib
+from keras_tap.config import ConfigError
+
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        _fail(f"{message} (see {self.prog} --help)")
+
+
+def _fail(message):
+    print(f"keras-tap: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv=None):
+    """Runs the `keras-tap` command; returns 0, or exits with status 2 on
+    bad input after printing one line to stderr."""
+    args = _parser().parse_args(argv)
+    try:
+        args.command(args)
+    except ConfigError as error:
+        _fail(str(error))
+    except ImportError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        print("keras-tap: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    return 0
+
+
+def _parser():
+    parser = _Parser(
+        prog="keras-tap",
+        description="Train, inspect and probe tapped Keras models.",
+    )
+    commands = parser.add_subparsers(
+        title="commands", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+
+    def command(name, function, help):
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(command=function)
+        return sub
+
+    def overrides(sub):
+        sub.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY.PATH=VALUE",
+            help="override a config value (YAML), e.g. fit.epochs=5 or "
+            "'taps[\"a/b\"].weight=0.5'; repeatable",
+        )
+
+    def data_options(sub):
+        sub.add_argument(
+            "--data",
+            help="a dataset name, .npz/.npy file or image directory "
+            "(default: the config's data)",
+        )
+        sub.add_argument(
+            "--x-key", default="x", help="the inputs' array in an npz"
+        )
+        sub.add_argument(
+            "--taps", nargs="+", metavar="TAP", help="tap names or layer paths"
+        )
+        sub.add_argument("--batch-size", type=int, default=32)
+
+    sub = command("train", _train, "train a config and write its run directory")
+    sub.add_argument("config", metavar="CONFIG")
+    overrides(sub)
+    group = sub.add_mutually_exclusive_group()
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last checkpoint",
+    )
+    group.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run"
+    )
+
+    sub = command("validate", _validate, "check a config without training")
+    sub.add_argument("config", metavar="CONFIG")
+    overrides(sub)
+
+    sub = command("layers", _layers, "list the layer paths a model can tap")
+    sub.add_argument("model", metavar="MODEL_OR_CONFIG")
+
+    sub = command("extract", _extract, "write tap activations to an .npz")
+    sub.add_argument("model", metavar="MODEL_OR_CONFIG")
+    data_options(sub)
+    sub.add_argument("--reduce", choices=("mean", "max"))
+    sub.add_argument("--out", required=True, help="the .npz file to write")
+
+    sub = command("plot", _plot, "plot a run, or feature maps of taps")
+    sub.add_argument("run_dir", metavar="RUN_DIR", nargs="?")
+    sub.add_argument(
+        "--features", metavar="MODEL_OR_CONFIG", help="draw feature-map grids"
+    )
+    data_options(sub)
+    sub.add_argument("--sample", type=int, default=0, help="the sample drawn")
+    sub.add_argument("--out", help="output directory (default: RUN_DIR)")
+    return parser
+
+
+# ------------------------------------------------------------------ commands
+
+
+def _train(args):
+    from keras_tap import training
+
+    cfg = config_lib.load(args.config, args.overrides)
+    run = training.train(cfg, resume=args.resume, overwrite=args.overwrite)
+    files = {key: _rel(path) for key, path in run.files.items()}
+    if run.initial_epoch:
+        print(f"resumed after epoch {run.initial_epoch}")
+    print(f"run directory: {_rel(run.dir)}")
+    print(f"  config:  {files['config']}")
+    print(f"  model:   {files['model']} (TapModel), {files['base']} (base)")
+    print(f"  history: {files['history_csv']}, {files['history_json']}")
+    if "logs" in files:
+        print(f"  logs:    tensorboard --logdir {files['logs']}")
+    plots = [path for key, path in files.items() if key.endswith("_png")]
+    if plots:
+        print(f"  plots:   {', '.join(plots)}")
+    elif cfg.run.plots:
+        print('  plots:   none (pip install "keras-tap[plot]")')
+    epochs = len(run.history.get("epoch", []))
+    held_out = any(key.startswith("val_") for key in run.history)
+    kind = "held-out" if held_out else "training"
+    values = [f"{k} {v:.4f}" for k, v in run.metrics.items() if v is not None]
+    print(f"{kind} metrics after {epochs} epochs: {', '.join(values)}")
+
+
+def _validate(args):
+    import numpy as np
+
+    from keras_tap import data, training
+
+    cfg = config_lib.load(args.config, args.overrides)
+    tap_model = training.build(cfg)
+    train, validation = data.load(cfg.data, cfg.run.seed)
+    training.check_inputs(tap_model, train)
+    training.compile_model(tap_model, cfg)
+    batch = train.take(np.arange(min(len(train), cfg.data.batch_size)))
+    try:
+        tap_model.evaluate(batch.x, batch.fit_targets(), verbose=0)
+    except Exception as error:
+        message = (
+            f"the model fails on a first batch: {config_lib.message_of(error)}"
+        )
+        raise ConfigError("data", message) from None
+    base = tap_model.base
+    print(f"{args.config}: OK")
+    print(f"  model: {base.name} ({base.count_params():,} parameters)")
+    for name, shape in tap_model.tap_shapes().items():
+        layer = cfg.taps[name].layer if name in cfg.taps else name
+        print(f"  tap {name}: {layer} -> {shape}")
+    held_out = 0 if validation is None else len(validation)
+    print(
+        f"  data: {len(train)} training and {held_out} held-out samples of "
+        f"shape {train.x.shape[1:]}"
+    )
+    print(f"  run directory: {_rel(cfg.run.dir)}")
+
+
+def _layers(args):
+    import keras_tap as kt
+
+    model = _load_model(args.model, base_only=True)
+    rows = [("path", "class", "output shape", "params", "calls")]
+    for record in kt.list_layers(model):
+        shape = "(" + ", ".join(str(d) for d in record.output_shape) + ")"
+        if len(record.output_shape) == 1:
+            shape = shape[:-1] + ",)"
+        rows.append(
+            (
+                record.path,
+                record.class_name,
+                shape,
+                f"{record.params:,}",
+                record.calls,
+            )
+        )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
+    for row in rows:
+        cells = [str(cell) for cell in row]
+        line = "  ".join(
+            cell.rjust(w) if i >= 3 else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths))
+        )
+        print(line.rstrip())
+
+
+def _extract(args):
+    import numpy as np
+
+    tap_model, x = _model_and_inputs(args)
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise ConfigError("--out", f"expected a .npz path, got {args.out!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path = tap_model.extract(
+            x,
+            taps=args.taps,
+            batch_size=args.batch_size,
+            reduce=args.reduce,
+            to=str(out),
+            verbose=0,
+        )
+    except (ValueError, KeyError) as error:
+        raise ConfigError("--taps", config_lib.message_of(error)) from None
+    with np.load(path) as arrays:
+        shapes = {key: arrays[key].shape for key in arrays.files}
+    print(f"wrote {_rel(path)}:")
+    for key, shape in shapes.items():
+        print(f"  {key}: {shape}")
+
+
+def _plot(args):
+    from keras_tap import plot, training
+
+    if args.features is None:
+        if args.run_dir is None:
+            raise ConfigError(
+                "RUN_DIR", "give a run directory, or --features MODEL"
+            )
+        run_dir = Path(args.run_dir)
+        if not (run_dir / training.HISTORY_JSON).is_file():
+            message = (
+                f"no {training.HISTORY_JSON} in {args.run_dir!r}: not a run"
+            )
+            raise ConfigError("RUN_DIR", message)
+        files = training.write_plots(run_dir, args.out, optional=False)
+        for path in files.values():
+            print(f"wrote {_rel(path)}")
+        return
+    if args.run_dir is not None:
+        raise ConfigError(
+            "RUN_DIR", "give either a run directory or --features"
+        )
+    if args.out is None:
+        raise ConfigError("--out", "--features needs --out DIR")
+    args.model = args.features
+    tap_model, x = _model_and_inputs(args)
+    if not 0 <= args.sample < len(x):
+        message = f"expected a sample index in [0, {len(x)}), got {args.sample}"
+        raise ConfigError("--sample", message)
+    try:
+        features = tap_model.extract(
+            x[args.sample : args.sample + 1], taps=args.taps, verbose=0
+        )
+    except (ValueError, KeyError) as error:
+        raise ConfigError("--taps", config_lib.message_of(error)) from None
+    out = Path(args.out)
+    for name, activation in features.items():
+        filename = re.sub(r"[^\w.@-]+", "_", name) + ".png"
+        path = plot.feature_maps(activation[0], out / filename, title=name)
+        print(f"wrote {_rel(path)}")
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _load_model(spec, *, base_only=False):
+    """A model from a `.keras` file, a run directory or a config.
+
+    With a config, the trained model of its run directory is used when it
+    exists; otherwise the model is built from the config (fresh weights).
+    Returns the model and, for a config, the `Config`.
+    """
+    import keras
+
+    from keras_tap import training
+
+    path = Path(spec)
+    if path.is_dir() and (path / training.MODEL).is_file():
+        path = path / training.MODEL
+    if path.suffix in _CONFIG_SUFFIXES:
+        cfg = config_lib.load(path)
+        trained = Path(cfg.run.dir) / training.MODEL
+        if trained.is_file():
+            path = trained
+        elif base_only:
+            return training.build_model(cfg.model, "model")
+        else:
+            print(
+                f"keras-tap: note: no trained model at {_rel(trained)}; "
+                "using the config's model with freshly built weights",
+                file=sys.stderr,
+            )
+            return training.build(cfg)
+    if path.suffix != ".keras":
+        message = "expected a .keras file, a run directory or a config"
+        raise ConfigError("MODEL_OR_CONFIG", f"{message}, got {spec!r}")
+    if not path.is_file():
+        raise ConfigError("MODEL_OR_CONFIG", f"no such file: {str(path)!r}")
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as error:
+        message = f"cannot load {str(path)!r}: {config_lib.message_of(error)}"
+        raise ConfigError("MODEL_OR_CONFIG", message) from None
+    return getattr(model, "base", model) if base_only else model
+
+
+def _model_and_inputs(args):
+    """The `TapModel` to extract from and the input array."""
+    import keras_tap as kt
+    from keras_tap import data
+
+    model = _load_model(args.model)
+    if args.data is not None:
+        x = data.inputs(args.data, x_key=args.x_key)
+    elif Path(args.model).suffix in _CONFIG_SUFFIXES:
+        x = data.read_arrays(config_lib.load(args.model).data).x
+    else:
+        raise ConfigError("--data", "a model file needs --data")
+    if not isinstance(model, kt.TapModel):
+        if not args.taps:
+            raise ConfigError("--taps", "name the layers to extract")
+        try:
+            model = kt.TapModel(model, list(args.taps))
+        except (ValueError, TypeError) as error:
+            raise ConfigError("--taps", config_lib.message_of(error)) from None
+    return model, x
+
+
+def _rel(path):
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Killing `keras-tap train` with SIGKILL mid-epoch and resuming it.
+
+The resumed run must keep every epoch completed before the kill and end
+with the weights of a run that was never interrupted.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from keras_tap import cli, training
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "configs" / "digits.yaml"
+EPOCHS = 4
+# Many tiny steps make an epoch long enough (about a second) to be killed in
+# its middle; TapStatistics and the schedules keep their state across the
+# resume as well.
+SETTINGS = [
+    "data.limit=160",
+    "data.batch_size=2",
+    f"fit.epochs={EPOCHS}",
+    "fit.verbose=0",
+    "run.plots=false",
+    "run.seed=7",
+]
+TIMEOUT = 240
+
+
+def command(run_dir, *extra):
+    args = [sys.executable, "-m", "keras_tap.cli", "train", str(DIGITS)]
+    for setting in SETTINGS + [f"run.dir={run_dir}"]:
+        args += ["--set", setting]
+    return args + list(extra)
+
+
+def run(args, cwd):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process):
+    out, err = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, err[-3000:]
+    return out
+
+
+def read_state(run_dir):
+    try:
+        with open(run_dir / "checkpoints" / "state.json") as file:
+            return json.load(file)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def wait_for_epoch(process, run_dir, epoch, deadline):
+    """Polls the state file until `epoch` is recorded as completed."""
+    while time.monotonic() < deadline:
+        state = read_state(run_dir)
+        if state is not None and state["epoch"] >= epoch:
+            return state, time.monotonic()
+        if process.poll() is not None:
+            pytest.fail(
+                f"training ended early: {process.communicate()[1][-3000:]}"
+            )
+        time.sleep(0.01)
+    process.kill()
+    pytest.fail(f"no checkpoint of epoch {epoch} within {TIMEOUT} s")
+
+
+def final_weights(run_dir):
+    model = training.load_run(run_dir)
+    saved = keras.saving.load_model(run_dir / "model.keras")
+    for got, expected in zip(model.get_weights(), saved.get_weights()):
+        np.testing.assert_array_equal(got, expected)
+    return model.get_weights(), int(model.optimizer.iterations.numpy())
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    reference = run(command(reference_dir), tmp_path)
+    killed = run(command(killed_dir), tmp_path)
+    deadline = time.monotonic() + TIMEOUT
+
+    # Epochs 0 and 1 complete: measure an epoch, then kill half-way
+    # through epoch 2.
+    _, first = wait_for_epoch(killed, killed_dir, 0, deadline)
+    before_kill, second = wait_for_epoch(killed, killed_dir, 1, deadline)
+    time.sleep((second - first) / 2)
+    assert killed.poll() is None, "training finished before it was killed"
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=TIMEOUT)
+    assert killed.returncode == -signal.SIGKILL
+    at_kill = read_state(killed_dir)
+    assert 1 <= at_kill["epoch"] < EPOCHS - 1
+    assert not (killed_dir / "model.keras").exists()
+
+    # Without --resume the run directory is refused.
+    with pytest.raises(SystemExit) as refused:
+        cli.main(command(killed_dir)[3:])
+    assert refused.value.code == 2
+
+    out = finish(run(command(killed_dir, "--resume"), tmp_path))
+    assert f"resumed after epoch {at_kill['epoch'] + 1}\n" in out
+    finish(reference)
+
+    with open(killed_dir / "history.json") as file:
+        resumed_history = json.load(file)
+    with open(reference_dir / "history.json") as file:
+        reference_history = json.load(file)
+    # No completed epoch is lost or repeated, and those before the kill are
+    # kept exactly as they were logged.
+    assert resumed_history["epoch"] == list(range(EPOCHS))
+    assert set(resumed_history) == set(reference_history)
+    done = at_kill["epoch"] + 1
+    for key, values in at_kill["history"].items():
+        assert resumed_history[key][:done] == values
+    for key, values in reference_history.items():
+        np.testing.assert_allclose(
+            resumed_history[key], values, rtol=1e-4, atol=1e-5, err_msg=key
+        )
+
+    weights, steps = final_weights(killed_dir)
+    reference_weights, reference_steps = final_weights(reference_dir)
+    assert steps == reference_steps == EPOCHS * 64
+    assert len(weights) == len(reference_weights)
+    for got, expected in zip(weights, reference_weights):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
