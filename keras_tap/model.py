@@ -3,52 +3,24 @@
 import keras
 from keras import ops
 
-from keras_tap import graph
-from keras_tap import paths
-from keras_tap import regularizers as tap_regularizers
-from keras_tap import trainers
-from keras_tap.tap import Tap
-from keras_tap.training_utils import TargetsMixin
+from keras_tap import graph, paths, trainers
+from keras_tap.tap import Tap, normalize_taps
+from keras_tap.training_utils import (
+    TargetsMixin,
+    check_teacher_shape,
+    jit_compiled,
+    named_metric,
+    optimizer_step,
+    regularizer_term,
+    tap_loss_value,
+)
 
 PREDICTIONS = "predictions"
-_SCALED_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 
 def _output_names(model):
     names = getattr(model, "output_names", None) or []
     return [n for n in names if isinstance(n, str)]
-
-
-def _normalize_spec(taps):
-    """`taps` -> `[(key or None, Tap)]` in declaration order."""
-    if isinstance(taps, (str, keras.layers.Layer, Tap)):
-        taps = [taps]
-    if isinstance(taps, dict):
-        items = list(taps.items())
-    elif isinstance(taps, (list, tuple)):
-        items = [(None, spec) for spec in taps]
-    else:
-        raise TypeError(
-            "`taps` must be a layer path, a Layer, a kt.Tap, a list of them "
-            f"or a dict {{tap_name: path_or_Tap}}; received "
-            f"{type(taps).__name__}: {taps!r}."
-        )
-    if not items:
-        raise ValueError(
-            "`taps` is empty: name at least one layer path to tap. Call "
-            "`kt.list_layers(model)` to see every layer path."
-        )
-    normalized = []
-    for key, spec in items:
-        if key is not None and (not isinstance(key, str) or not key):
-            raise TypeError(
-                f"Tap names must be non-empty strings; received {key!r}."
-            )
-        if isinstance(spec, dict):
-            spec = Tap.from_config(spec)
-        tap = spec if isinstance(spec, Tap) else Tap(spec)
-        normalized.append((key, tap))
-    return normalized
 
 
 @keras.saving.register_keras_serializable(package="keras_tap")
@@ -110,7 +82,11 @@ class TapModel(TargetsMixin, keras.Model):
         )
         self.adapters = [t.adapter for _, t, _ in entries if t.adapter]
         self._build_adapters()
-        self.tap_metrics = [m for _, t, _ in entries for m in t.metrics]
+        metrics = {
+            n: [named_metric(m, n) for m in t.metrics] for n, t, _ in entries
+        }
+        object.__setattr__(self, "_metrics_by_tap", metrics)
+        self.tap_metrics = [m for ms in metrics.values() for m in ms]
         self._predictions_loss = keras.metrics.Mean(name="predictions_loss")
         self._tap_loss_trackers = [
             keras.metrics.Mean(name=f"{n}_loss")
@@ -118,6 +94,8 @@ class TapModel(TargetsMixin, keras.Model):
             if t.has_terms
         ]
         object.__setattr__(self, "_statistics", None)
+        object.__setattr__(self, "_statistics_key", None)
+        object.__setattr__(self, "_statistics_cache", {})
 
     def tap_shapes(self):
         """`{tap_name: output shape}` (batch axis `None`)."""
@@ -125,19 +103,39 @@ class TapModel(TargetsMixin, keras.Model):
             n: (None,) + tuple(p.shape[1:]) for n, _, p in self._tap_specs
         }
 
-    def set_statistics(self, statistics):
-        """Switch in-step tap statistics on (`kt.callbacks.TapStatistics`
-        does this) or off (`None`); the train function is rebuilt."""
+    def set_statistics(self, key=None, factory=None):
+        """Switch in-step tap statistics on or off.
+
+        `kt.callbacks.TapStatistics` calls this: `key` names a statistics
+        set (`None`: off) and `factory()` builds it the first time. The
+        train function of every set is kept, so switching back and forth
+        between fits does not retrace; `compile` makes them stale.
+        """
+        cache = self._statistics_cache
+        current = self._statistics_key
+        if key == current:
+            return
+        kept = cache.get(current, (None, None))[1]
+        if kept is not None and kept is not self.train_function:
+            # Keras rebuilt the train function (after `compile`): the kept
+            # ones hold the old optimizer and losses.
+            cache = {k: (stats, None) for k, (stats, _) in cache.items()}
+            object.__setattr__(self, "_statistics_cache", cache)
+        cache[current] = (self._statistics, self.train_function)
+        if key not in cache:
+            cache[key] = (factory() if key is not None else None, None)
+        statistics, train_function = cache[key]
         object.__setattr__(self, "_statistics", statistics)
-        self.train_function = None
-        if statistics is not None and getattr(self, "optimizer", None):
+        object.__setattr__(self, "_statistics_key", key)
+        self.train_function = train_function
+        if train_function is None and getattr(self, "optimizer", None):
             self.make_train_function(force=True)
 
     @property
     def metrics(self):
         metrics = super().metrics
         statistics = getattr(self, "_statistics", None)
-        if statistics is not None:
+        if statistics is not None and statistics.visible:
             metrics = metrics + list(statistics.metrics)
         return metrics
 
@@ -146,7 +144,7 @@ class TapModel(TargetsMixin, keras.Model):
     def _resolve_taps(self, index, taps):
         reserved = {PREDICTIONS, *_output_names(self.base)}
         entries = []
-        for key, tap in _normalize_spec(taps):
+        for key, tap in normalize_taps(taps):
             matches = index.resolve(tap.layer)
             if len(matches) > 1 and tap.adapter is not None:
                 raise ValueError(
@@ -244,16 +242,9 @@ class TapModel(TargetsMixin, keras.Model):
                 )
                 shape = tuple(tap.adapter(spec).shape)
             if tap_name in teacher_shapes:
-                expected = tuple(teacher_shapes[tap_name][1:])
-                if tuple(shape[1:]) != expected:
-                    raise ValueError(
-                        f"Tap {tap_name!r}: the student activation "
-                        f"{'after its adapter ' if tap.adapter else ''}has "
-                        f"shape {tuple(shape[1:])} but the teacher layer "
-                        f"{tap.teacher!r} gives {expected}. Add an "
-                        "`adapter=` (e.g. a 1x1 Conv2D or Dense) that maps "
-                        "the student's shape to the teacher's."
-                    )
+                check_teacher_shape(
+                    tap_name, tap, shape[1:], teacher_shapes[tap_name][1:]
+                )
 
     def call(self, inputs, training=None):
         kind = self._forward[0]
@@ -305,7 +296,9 @@ class TapModel(TargetsMixin, keras.Model):
                 `{"predictions": ..., tap_name: ...}`).
             taps: `{tap_name: activation}` from this step's forward pass.
             sample_weight: one array, or a dict keyed like `y`; weights
-                each tap's loss (not its regularizer).
+                each tap's loss and metrics (not its regularizer). In the
+                dict form a tap uses its own key, or else the weight of
+                `"predictions"`.
             training: whether this is a training step.
 
         Returns:
@@ -325,7 +318,6 @@ class TapModel(TargetsMixin, keras.Model):
                 return terms
         ```
         """
-        trainer = trainers.get()
         pred_y, tap_y = self.split_targets(y)
         pred_sw, tap_sw = self.split_weights(sample_weight, y)
         teacher = self.teacher_taps(x) if self._teacher_points else {}
@@ -343,54 +335,87 @@ class TapModel(TargetsMixin, keras.Model):
                 if tap.teacher is not None:
                     target = teacher[tap_name]
                 elif tap.target == PREDICTIONS:
-                    target, weight = pred_y, pred_sw
+                    target = pred_y
                 else:
                     target = self.data_target(tap_name, y, tap_y)
-            for metric in tap.metrics:
+            for metric in self._metrics_by_tap[tap_name]:
                 metric.update_state(target, adapted, sample_weight=weight)
             if not tap.has_terms:
                 continue
             term = ops.zeros((), dtype="float32")
             if tap.loss is not None:
-                value = tap.loss(target, adapted, sample_weight=weight)
-                if tuple(value.shape) != ():
-                    raise ValueError(
-                        f"Tap {tap_name!r}: its loss returned shape "
-                        f"{tuple(value.shape)}; a tap loss must reduce to a "
-                        "scalar (use reduction='sum_over_batch_size')."
-                    )
-                value = ops.cast(value, "float32")
-                if getattr(tap.loss, "reduction", None) in _SCALED_REDUCTIONS:
-                    value = trainer.unscale_for_replicas(value)
-                term = term + value
+                term = term + tap_loss_value(
+                    tap_name, tap.loss, target, adapted, weight
+                )
             if tap.regularizer is not None:
-                term = term + self._regularizer_term(tap, activation)
+                term = term + regularizer_term(tap.regularizer, activation)
             terms[tap_name] = term
         return terms
-
-    def _regularizer_term(self, tap, activation):
-        activation = ops.cast(activation, "float32")
-        value = ops.cast(tap.regularizer(activation), "float32")
-        if type(tap.regularizer).__module__ != tap_regularizers.__name__:
-            # A Keras Regularizer sums over the batch: make it a batch mean.
-            value = value / ops.cast(ops.shape(activation)[0], "float32")
-        return value
 
     def tap_weights(self, step=None):
         """`{tap_name: weight}` at `step` (default: the optimizer's)."""
         if step is None:
-            step = self._step()
+            step = optimizer_step(self)
         return {
             n: ops.cast(t.weight(step), "float32")
             for n, t, _ in self._tap_specs
             if t.has_terms
         }
 
-    def _step(self):
-        optimizer = getattr(self, "optimizer", None)
-        if optimizer is None:
-            return ops.zeros((), dtype="int64")
-        return optimizer.iterations
+    def compute_loss_parts(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        """The total loss in two parts: `(prediction_loss, tap_loss)`.
+
+        `prediction_loss` is the compiled loss plus `model.losses`,
+        `tap_loss` is `sum(weight_i(step) * tap_term_i)`, both scaled for
+        distribution as Keras scales its losses: a custom `train_step` can
+        take their gradients apart. Updates the `predictions_loss` and
+        `<tap>_loss` logs; the gradients wait for a finiteness check.
+
+        Example:
+
+        ```python
+        with tf.GradientTape(persistent=True) as tape:
+            y_pred = self(x, training=True)
+            main, aux = self.compute_loss_parts(x, y, y_pred, sample_weight)
+        main_grads = tape.gradient(main, self.trainable_variables)
+        ```
+        """
+        trainer = trainers.get()
+        predictions, taps = y_pred
+        pred_y, _ = self.split_targets(y)
+        pred_sw, _ = self.split_weights(sample_weight, y)
+        extra_total = ops.zeros((), dtype="float32")
+        for loss in self.losses:
+            extra_total += trainer.scale_for_replicas(ops.cast(loss, "float32"))
+        if self.loss is not None:
+            main = ops.cast(
+                super().compute_loss(
+                    x, pred_y, predictions, pred_sw, training=training
+                ),
+                "float32",
+            )
+            pred_loss = main - extra_total
+        else:
+            main = extra_total
+            pred_loss = ops.zeros((), dtype="float32")
+        terms = self.compute_tap_losses(
+            x, y, taps, sample_weight=sample_weight, training=training
+        )
+        step = optimizer_step(self)
+        weights = self.tap_weights(step)
+        aux = ops.zeros((), dtype="float32")
+        for tap_name, term in terms.items():
+            aux = aux + weights[tap_name] * trainer.scale_for_replicas(
+                ops.cast(term, "float32")
+            )
+        self.log_losses(x, trainer.unscale_for_replicas(pred_loss), terms)
+        if training and self._statistics is not None:
+            self._statistics.update(taps, step)
+        checked = terms if training else {}  # evaluation logs them as is
+        jit = jit_compiled(self)
+        return trainer.guard_finite((main, aux), checked, step, jit)
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -400,52 +425,10 @@ class TapModel(TargetsMixin, keras.Model):
         Keras's `train_step` and `test_step` call this once per step with the
         output of the step's single forward pass.
         """
-        trainer = trainers.get()
-        predictions, taps = y_pred
-        pred_y, _ = self.split_targets(y)
-        pred_sw, _ = self.split_weights(sample_weight, y)
-        extra = [
-            trainer.scale_for_replicas(ops.cast(loss, "float32"))
-            for loss in self.losses
-        ]
-        extra_total = ops.sum(extra) if extra else ops.zeros(())
-        if self.loss is not None:
-            keras_total = ops.cast(
-                super().compute_loss(
-                    x, pred_y, predictions, pred_sw, training=training
-                ),
-                "float32",
-            )
-            pred_loss = keras_total - extra_total
-        else:
-            keras_total = extra_total
-            pred_loss = ops.zeros((), dtype="float32")
-        terms = self.compute_tap_losses(
-            x, y, taps, sample_weight=sample_weight, training=training
+        main, aux = self.compute_loss_parts(
+            x, y, y_pred, sample_weight, training=training
         )
-        step = self._step()
-        weights = self.tap_weights(step)
-        total = keras_total
-        for tap_name, term in terms.items():
-            total = total + weights[tap_name] * trainer.scale_for_replicas(
-                ops.cast(term, "float32")
-            )
-        batch = ops.shape(keras.tree.flatten(x)[0])[0]
-        self._predictions_loss.update_state(
-            trainer.unscale_for_replicas(pred_loss), sample_weight=batch
-        )
-        trackers = {t.name[: -len("_loss")]: t for t in self._tap_loss_trackers}
-        for tap_name, term in terms.items():
-            trackers[tap_name].update_state(term, sample_weight=batch)
-        if training and self._statistics is not None:
-            self._statistics.update(taps, step)
-        return trainer.guard_finite(total, terms, step, self._jit())
-
-    def _jit(self):
-        try:
-            return bool(self.jit_compile)
-        except AttributeError:
-            return False
+        return main + aux
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         predictions, _ = y_pred
@@ -456,6 +439,11 @@ class TapModel(TargetsMixin, keras.Model):
         )
 
     # -- fitting -------------------------------------------------------------
+
+    def train_step(self, data):
+        if jit_compiled(self):
+            return trainers.get().train_step_jit(self, data)
+        return super().train_step(data)
 
     def fit(self, x=None, y=None, *args, **kwargs):
         x, y, kwargs = self.prepare_fit_data(x, y, kwargs)

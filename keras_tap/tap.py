@@ -71,7 +71,8 @@ class Tap:
             `loss(target, activation)` after the adapter.
         regularizer: a function of the raw activation alone: a
             `keras.regularizers.Regularizer` (its value is divided by the
-            batch size) or a `kt.regularizers` class (a batch mean already).
+            batch size), a `kt.regularizers` class (a batch mean already)
+            or a plain function (used as it is: return a batch mean).
         weight: a non-negative finite float or a `kt.schedules` schedule,
             evaluated at `optimizer.iterations`.
         target: `"data"` (the target is `y[tap_name]`) or `"predictions"`
@@ -209,3 +210,35 @@ class Tap:
             if value is not None:
                 parts.append(f"{key}={type(value).__name__}")
         return f"Tap({', '.join(parts)})"
+
+
+def normalize_taps(taps):
+    """`taps` -> `[(key or None, Tap)]` in declaration order."""
+    if isinstance(taps, (str, keras.layers.Layer, Tap)):
+        taps = [taps]
+    if isinstance(taps, dict):
+        items = list(taps.items())
+    elif isinstance(taps, (list, tuple)):
+        items = [(None, spec) for spec in taps]
+    else:
+        raise TypeError(
+            "`taps` must be a layer path, a Layer, a kt.Tap, a list of them "
+            f"or a dict {{tap_name: path_or_Tap}}; received "
+            f"{type(taps).__name__}: {taps!r}."
+        )
+    if not items:
+        raise ValueError(
+            "`taps` is empty: name at least one layer path to tap. Call "
+            "`kt.list_layers(model)` to see every layer path."
+        )
+    normalized = []
+    for key, spec in items:
+        if key is not None and (not isinstance(key, str) or not key):
+            raise TypeError(
+                f"Tap names must be non-empty strings; received {key!r}."
+            )
+        if isinstance(spec, dict):
+            spec = Tap.from_config(spec)
+        tap = spec if isinstance(spec, Tap) else Tap(spec)
+        normalized.append((key, tap))
+    return normalized

@@ -1,15 +1,22 @@
-"""Targets and sample weights of a `TapModel`: split, check, class weights.
+"""Training helpers of `TapModel`: targets, sample and class weights, tap
+loss terms, tap metrics and the non-finite stop.
 
 `y` is either the prediction target alone, or the dict form
 `{"predictions": prediction_target, tap_name: tap_target, ...}`.
 `sample_weight` is one array, or a dict keyed like `y`.
 """
 
-import numpy as np
+import math
 
+import keras
+import numpy as np
+from keras import ops
+
+from keras_tap import regularizers as tap_regularizers
 from keras_tap import trainers
 
 PREDICTIONS = "predictions"
+_SCALED_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 
 class TargetsMixin:
@@ -61,15 +68,32 @@ class TargetsMixin:
             "teacher='layer path'."
         )
 
+    def log_losses(self, x, pred_loss, terms):
+        """Update the `predictions_loss` and `<tap>_loss` logs, weighted by
+        the batch size as Keras weights `loss`."""
+        batch = ops.shape(keras.tree.flatten(x)[0])[0]
+        self._predictions_loss.update_state(pred_loss, sample_weight=batch)
+        for tracker in self._tap_loss_trackers:
+            tap_name = tracker.name[: -len("_loss")]
+            if tap_name in terms:
+                tracker.update_state(terms[tap_name], sample_weight=batch)
+
     # -- class weights -------------------------------------------------------
 
     def prepare_fit_data(self, x, y, kwargs):
-        """Turn `class_weight` into a prediction sample weight.
+        """Turn `class_weight` into a prediction sample weight, and add the
+        non-finite stop under XLA.
 
         Keras refuses `class_weight` when `y` is a dict, and would apply it
         to the tap losses too when it is not; the contract says it weights
-        the predictions only.
+        the predictions only. The taps whose target is not in `y`
+        (`target="predictions"`, teacher taps) get an entry of their own in
+        `y` (unused) and in the sample weight (the given one, or ones), so
+        that the class weights do not reach them.
         """
+        if jit_compiled(self):
+            callbacks = list(kwargs.get("callbacks") or [])
+            kwargs["callbacks"] = callbacks + [StopOnNonFinite()]
         class_weight = kwargs.pop("class_weight", None)
         if class_weight is None:
             return x, y, kwargs
@@ -90,16 +114,28 @@ class TargetsMixin:
             )
         pred_w, tap_w = self.split_weights(sample_weight, y)
         weights = class_weights_for(np.asarray(pred_y), class_weight)
-        if pred_w is not None:
-            weights = weights * np.asarray(pred_w, dtype="float32")
-        new_y = {PREDICTIONS: pred_y, **tap_y}
         ones = np.ones_like(weights)
+        new_y = {PREDICTIONS: pred_y, **tap_y}
         new_w = {PREDICTIONS: weights}
-        for key in tap_y:
-            given = tap_w.get(key)
-            new_w[key] = ones if given is None else np.asarray(given)
+        if pred_w is not None:
+            new_w[PREDICTIONS] = weights * np.asarray(pred_w, "float32")
+        for name in self.tap_weight_keys(tap_y):
+            if name not in tap_y:
+                new_y[name] = np.zeros_like(weights)
+            given = tap_w.get(name, pred_w)
+            new_w[name] = ones if given is None else np.asarray(given)
         kwargs["sample_weight"] = new_w
         return x, new_y, kwargs
+
+    def tap_weight_keys(self, tap_targets):
+        """Keys of the sample-weight dict that `class_weight` builds: the
+        taps keyed in `y`, then the taps whose target is not in `y`."""
+        keys = list(tap_targets)
+        for name, tap in self.taps.items():
+            elsewhere = tap.teacher is not None or tap.target == PREDICTIONS
+            if elsewhere and name not in keys:
+                keys.append(name)
+        return keys
 
     def run_guarded(self, method, *args, **kwargs):
         """Run `fit`/`evaluate`, turning a non-finite tap loss into an error
@@ -132,3 +168,116 @@ def class_weights_for(pred_y, class_weight):
     for key, value in class_weight.items():
         table[int(key)] = value
     return table[indices]
+
+
+def named_metric(metric, tap_name):
+    """A fresh copy of a tap's metric, named `<tap_name>_<metric name>`.
+
+    Each `TapModel` keeps its own copies, so a `Tap` shared between models
+    or expanded to several layers (`re:`) never mixes their states.
+    """
+    config = metric.get_config()
+    config["name"] = f"{tap_name}_{metric.name}"
+    return type(metric).from_config(config)
+
+
+def regularizer_term(regularizer, activation):
+    """A tap's regularizer term as a float32 batch mean.
+
+    A Keras `Regularizer` sums over the batch, so its value is divided by the
+    batch size; `kt.regularizers` (and subclasses of them) are batch means
+    already, and a plain function is used as it is.
+    """
+    activation = ops.cast(activation, "float32")
+    value = ops.cast(regularizer(activation), "float32")
+    if _sums_over_batch(regularizer):
+        value = value / ops.cast(ops.shape(activation)[0], "float32")
+    return value
+
+
+def _sums_over_batch(regularizer):
+    if not isinstance(regularizer, keras.regularizers.Regularizer):
+        return False
+    kt_module = tap_regularizers.__name__
+    return not any(c.__module__ == kt_module for c in type(regularizer).mro())
+
+
+def optimizer_step(model):
+    """The step that tap weights are evaluated at: `optimizer.iterations`
+    before the update (0 before the model is compiled)."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        return ops.zeros((), dtype="int64")
+    return optimizer.iterations
+
+
+def jit_compiled(model):
+    """Whether the model's steps are XLA-compiled."""
+    try:
+        return bool(model.jit_compile)
+    except AttributeError:
+        return False
+
+
+def tap_loss_value(tap_name, loss, target, activation, sample_weight):
+    """A tap's loss as a float32 scalar over this replica's batch."""
+    value = loss(target, activation, sample_weight=sample_weight)
+    if tuple(value.shape) != ():
+        raise ValueError(
+            f"Tap {tap_name!r}: its loss returned shape "
+            f"{tuple(value.shape)}; a tap loss must reduce to a scalar "
+            "(use reduction='sum_over_batch_size')."
+        )
+    value = ops.cast(value, "float32")
+    if getattr(loss, "reduction", None) in _SCALED_REDUCTIONS:
+        # Keras `Loss` objects divide by the number of replicas: undo it
+        # here, the caller scales every term alike.
+        value = trainers.get().unscale_for_replicas(value)
+    return value
+
+
+def check_teacher_shape(tap_name, tap, shape, teacher_shape):
+    """Raise when a student tap (after its adapter) cannot be compared
+    with its teacher target.
+
+    Different shapes are accepted when the tap's loss traces on them:
+    `AttentionTransfer` and `NST` compare maps of different channel counts.
+    """
+    got, expected = tuple(shape), tuple(teacher_shape)
+    if got == expected:
+        return
+    if tap.loss is not None and trainers.get().loss_accepts(
+        tap.loss, (2,) + expected, (2,) + got
+    ):
+        return
+    raise ValueError(
+        f"Tap {tap_name!r}: the student activation "
+        f"{'after its adapter ' if tap.adapter else ''}has shape {got} but "
+        f"the teacher layer {tap.teacher!r} gives {expected}, and the tap's "
+        "loss cannot compare them. Add an `adapter=` (e.g. a 1x1 Conv2D or "
+        "Dense) that maps the student's shape to the teacher's."
+    )
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Stops `fit` when a logged loss is not finite.
+
+    Under `jit_compile=True` the step skips the update of a non-finite loss
+    (XLA drops the assertion that stops it otherwise); this turns that step
+    into an error naming the tap, the step and the value.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        names = [f"{n}_loss" for n in self.model.tap_names]
+        for key in names + ["predictions_loss", "loss"]:
+            if key in logs and not math.isfinite(float(logs[key])):
+                step = int(self.model.optimizer.iterations)
+                what = (
+                    "the prediction loss"
+                    if key in ("predictions_loss", "loss")
+                    else f"tap {key[: -len('_loss')]!r}"
+                )
+                detail = f"{what} at step {step}: its loss is {logs[key]}"
+                message = trainers.get().nonfinite_message(detail)
+                raise FloatingPointError(message)

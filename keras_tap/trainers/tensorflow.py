@@ -2,6 +2,7 @@
 
 import re
 
+import keras
 import tensorflow as tf
 
 NONFINITE_MARKER = "keras_tap non-finite tap loss"
@@ -32,28 +33,60 @@ def unscale_for_replicas(value):
     return value
 
 
-def guard_finite(total, terms, step, jit_compile):
-    """Make `total` depend on a check that every tap term is finite.
+def guard_finite(values, terms, step, jit_compile):
+    """Make the gradients of `values` wait for a check that every tap term
+    is finite.
 
-    The check runs before the gradients exist, so a non-finite tap loss
-    stops training before the optimizer touches the weights. XLA drops
-    assertions, so under `jit_compile=True` the check runs on the logged
-    values after the step instead (see `TapModel.fit`).
+    Each value passes through an identity whose gradient depends on the
+    check, so every gradient, and with them the optimizer's update, runs
+    only once the check passed: a non-finite tap loss stops training with
+    the weights of the last good step (`nonfinite_error` words the error).
+    XLA drops assertions: under `jit_compile=True`, `train_step_jit` skips
+    the update instead.
+
+    Returns:
+        `values` (a tuple of tensors), guarded.
     """
     if jit_compile or not terms:
-        return total
+        return tuple(values)
     checks = []
     for name, value in terms.items():
         checks.append(
             tf.debugging.Assert(
                 tf.reduce_all(tf.math.is_finite(value)),
-                [f"{NONFINITE_MARKER}: tap={name!r} step=", step,
-                 "value=", value],
+                [
+                    f"{NONFINITE_MARKER}: tap={name!r} step=",
+                    step,
+                    "value=",
+                    value,
+                ],
                 summarize=4,
             )
         )
-    with tf.control_dependencies(checks):
-        return tf.identity(total)
+
+    @tf.custom_gradient
+    def guarded(value):
+        def grad(upstream):
+            with tf.control_dependencies(checks):
+                return tf.identity(upstream)
+
+        with tf.control_dependencies(checks):
+            return tf.identity(value), grad
+
+    return tuple(guarded(value) for value in values)
+
+
+def loss_accepts(loss, target_shape, shape):
+    """Whether `loss(target, activation)` traces for these shapes."""
+    function = tf.function(lambda t, a: loss(t, a), autograph=False)
+    try:
+        function.get_concrete_function(
+            tf.TensorSpec(target_shape, "float32"),
+            tf.TensorSpec(shape, "float32"),
+        )
+    except (ValueError, TypeError, tf.errors.OpError):
+        return False
+    return True
 
 
 def nonfinite_error(error):
@@ -63,23 +96,57 @@ def nonfinite_error(error):
     message = str(error)
     if NONFINITE_MARKER not in message:
         return None
+    # The op quotes the message's strings, escaping the quotes around the
+    # tap name: `tap=\'feat\' step=] [2] [value=] [nan]`.
     found = re.search(
-        r"tap=('[^']*'|\"[^\"]*\") step=\]?\s*\[?(\d+)\]?.*?value=\]?\s*"
+        r"tap=\\?'(.*?)\\?' step=\]?\s*\[?(-?\d+)\]?.*?value=\]?\s*"
         r"\[?([-+\w.]+)",
         message,
         re.S,
     )
     if found:
         name, step, value = found.groups()
-        detail = f"tap {name} at step {step}: its loss is {value}"
+        detail = f"tap {name!r} at step {step}: its loss is {value}"
     else:
         detail = message.split("\n")[0]
-    return FloatingPointError(
-        f"Non-finite tap loss, {detail}. Training stopped before the "
+    return FloatingPointError(nonfinite_message(detail))
+
+
+def nonfinite_message(detail):
+    return (
+        f"Non-finite loss: {detail}. Training stopped before the "
         "optimizer applied this step, so the weights are those of the last "
         "good step. Lower the tap's weight or learning rate, or check its "
         "target."
     )
+
+
+def train_step_jit(model, data):
+    """Keras's training step, skipping the update when the loss is not
+    finite: the XLA stand-in for `guard_finite`'s check. The logged
+    non-finite values then stop `fit` (`training_utils.StopOnNonFinite`)
+    with the weights of the last good step. With `steps_per_execution > 1`
+    the check runs once per execution, after its remaining steps."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    with tf.GradientTape() as tape:
+        y_pred = model(x, training=True)
+        loss = model.compute_loss(
+            x, y, y_pred, sample_weight=sample_weight, training=True
+        )
+        scaled = model.optimizer.scale_loss(loss)
+    batch = tf.shape(tf.nest.flatten(x)[0])[0]
+    for metric in model.metrics:
+        if metric.name == "loss":
+            metric.update_state(unscale_for_replicas(loss), batch)
+    variables = model.trainable_variables
+    gradients = tape.gradient(scaled, variables)
+
+    def apply():
+        model.optimizer.apply_gradients(zip(gradients, variables))
+        return tf.constant(True)
+
+    tf.cond(tf.math.is_finite(loss), apply, lambda: tf.constant(False))
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
 def with_class_weight(tap_model, dataset, class_weight):
@@ -109,8 +176,10 @@ def with_class_weight(tap_model, dataset, class_weight):
             weights = weights * tf.cast(pred_w, tf.float32)
         new_y = {"predictions": pred_y, **tap_y}
         new_w = {"predictions": weights}
-        for key in tap_y:
-            given = tap_w.get(key)
+        for key in tap_model.tap_weight_keys(tap_y):
+            if key not in tap_y:
+                new_y[key] = tf.zeros_like(weights)
+            given = tap_w.get(key, pred_w)
             new_w[key] = tf.ones_like(weights) if given is None else given
         return x, new_y, new_w
 
