@@ -62,6 +62,18 @@ def _per_sample_mean(values):
     return ops.mean(values, axis=tuple(range(1, len(values.shape))))
 
 
+def _per_step_mean(values):
+    """Average every axis after the first two: `(B, T, ...)` -> `(B, T)`.
+
+    Keras reduces the result (a mean over all entries, so the value equals
+    the per-sample mean) and applies a `(B, T)` mask carried by a sequence
+    activation, which a per-sample value would lose.
+    """
+    if len(values.shape) <= 2:
+        return values
+    return ops.mean(values, axis=tuple(range(2, len(values.shape))))
+
+
 def _positions_by_channels(x):
     """`(B, ..., C)` to `(B, N, C)`, N the number of spatial positions."""
     channels = x.shape[-1] if x.shape[-1] is not None else ops.shape(x)[-1]
@@ -84,6 +96,18 @@ class _FeatureLoss(keras.losses.Loss):
     def __init__(self, name=None, reduction="sum_over_batch_size", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self._dtype_config = None if dtype is None else self._dtype_policy.name
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        # `call` may return per-step values `(B, T)` (so that a `(B, T)`
+        # mask carried by a sequence activation applies); a per-sample
+        # weight `(B,)` then broadcasts as `(B, 1)`.
+        if (
+            sample_weight is not None
+            and len(getattr(y_pred, "shape", ())) >= 3
+            and len(getattr(sample_weight, "shape", (0, 0))) == 1
+        ):
+            sample_weight = ops.expand_dims(sample_weight, -1)
+        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
     def get_config(self):
         return {
@@ -123,7 +147,7 @@ class FeatureMSE(_FeatureLoss):
     def call(self, y_true, y_pred):
         t = _as_float32(y_true, type(self).__name__, 1)
         s = _as_float32(y_pred, type(self).__name__, 1)
-        return _per_sample_mean(ops.square(s - t))
+        return _per_step_mean(ops.mean(ops.square(s - t), axis=-1))
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -438,7 +462,7 @@ class Wrapped(_FeatureLoss):
         if keras.backend.is_float_dtype(y_true.dtype):
             y_true = ops.cast(y_true, "float32")
         values = self._function(y_true, y_pred)
-        return _per_sample_mean(ops.cast(values, "float32"))
+        return _per_step_mean(ops.cast(values, "float32"))
 
     def __repr__(self):
         return f"<Wrapped fn={self.fn!r}>"

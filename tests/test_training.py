@@ -546,14 +546,17 @@ def test_schedule_changes_weight_inside_one_compiled_function(schedule, values):
 # -- masks ------------------------------------------------------------------
 
 
-def test_mask_of_a_tapped_tensor_is_respected():
+@pytest.mark.parametrize(
+    "loss", [keras.losses.MeanSquaredError(), "mse", "feature_mse"]
+)
+def test_mask_of_a_tapped_tensor_is_respected(loss):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((6,), dtype="int32")
     h = keras.layers.Embedding(10, 4, mask_zero=True)(inputs)
     h = keras.layers.LSTM(3, return_sequences=True, name="lstm")(h)
     h = keras.layers.GlobalAveragePooling1D()(h)
     model = keras.Model(inputs, keras.layers.Dense(2)(h))
-    taps = {"lstm": kt.Tap("lstm", loss=keras.losses.MeanSquaredError())}
+    taps = {"lstm": kt.Tap("lstm", loss=loss)}
     tap_model = kt.TapModel(model, taps)
     tap_model.compile("sgd", loss="mse")
 
