@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_tap import graph, paths, trainers
+from keras_tap.statistics import StatisticsMixin
 from keras_tap.tap import Tap, normalize_taps
 from keras_tap.training_utils import (
     TargetsMixin,
@@ -24,7 +25,7 @@ def _output_names(model):
 
 
 @keras.saving.register_keras_serializable(package="keras_tap")
-class TapModel(TargetsMixin, keras.Model):
+class TapModel(StatisticsMixin, TargetsMixin, keras.Model):
     """A Keras model that returns `(predictions, taps)` from one pass.
 
     The wrapper shares layers and weights with `model` (nothing is copied);
@@ -93,51 +94,13 @@ class TapModel(TargetsMixin, keras.Model):
             for n, t, _ in entries
             if t.has_terms
         ]
-        object.__setattr__(self, "_statistics", None)
-        object.__setattr__(self, "_statistics_key", None)
-        object.__setattr__(self, "_statistics_cache", {})
+        self.init_statistics()
 
     def tap_shapes(self):
         """`{tap_name: output shape}` (batch axis `None`)."""
         return {
             n: (None,) + tuple(p.shape[1:]) for n, _, p in self._tap_specs
         }
-
-    def set_statistics(self, key=None, factory=None):
-        """Switch in-step tap statistics on or off.
-
-        `kt.callbacks.TapStatistics` calls this: `key` names a statistics
-        set (`None`: off) and `factory()` builds it the first time. The
-        train function of every set is kept, so switching back and forth
-        between fits does not retrace; `compile` makes them stale.
-        """
-        cache = self._statistics_cache
-        current = self._statistics_key
-        if key == current:
-            return
-        kept = cache.get(current, (None, None))[1]
-        if kept is not None and kept is not self.train_function:
-            # Keras rebuilt the train function (after `compile`): the kept
-            # ones hold the old optimizer and losses.
-            cache = {k: (stats, None) for k, (stats, _) in cache.items()}
-            object.__setattr__(self, "_statistics_cache", cache)
-        cache[current] = (self._statistics, self.train_function)
-        if key not in cache:
-            cache[key] = (factory() if key is not None else None, None)
-        statistics, train_function = cache[key]
-        object.__setattr__(self, "_statistics", statistics)
-        object.__setattr__(self, "_statistics_key", key)
-        self.train_function = train_function
-        if train_function is None and getattr(self, "optimizer", None):
-            self.make_train_function(force=True)
-
-    @property
-    def metrics(self):
-        metrics = super().metrics
-        statistics = getattr(self, "_statistics", None)
-        if statistics is not None and statistics.visible:
-            metrics = metrics + list(statistics.metrics)
-        return metrics
 
     # -- resolution --------------------------------------------------------
 
