@@ -23,7 +23,6 @@ prints.
 """
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -152,9 +151,16 @@ def _train(args):
     print(f"  history: {files['history_csv']}, {files['history_json']}")
     if "logs" in files:
         print(f"  logs:    tensorboard --logdir {files['logs']}")
-    plots = [path for key, path in files.items() if key.endswith("_png")]
+    features = [p for k, p in files.items() if k.startswith("features_")]
+    plots = [
+        path
+        for key, path in files.items()
+        if key.endswith("_png") and not key.startswith("features_")
+    ]
     if plots:
         print(f"  plots:   {', '.join(plots)}")
+        if features:
+            print(f"  features: {', '.join(features)}")
     elif cfg.run.plots:
         print('  plots:   none (pip install "keras-tap[plot]")')
     epochs = len(run.history.get("epoch", []))
@@ -251,7 +257,7 @@ def _extract(args):
 
 
 def _plot(args):
-    from keras_tap import plot, training
+    from keras_tap import plot, runs
 
     if args.features is None:
         if args.run_dir is None:
@@ -259,12 +265,10 @@ def _plot(args):
                 "RUN_DIR", "give a run directory, or --features MODEL"
             )
         run_dir = Path(args.run_dir)
-        if not (run_dir / training.HISTORY_JSON).is_file():
-            message = (
-                f"no {training.HISTORY_JSON} in {args.run_dir!r}: not a run"
-            )
+        if not (run_dir / runs.HISTORY_JSON).is_file():
+            message = f"no {runs.HISTORY_JSON} in {args.run_dir!r}: not a run"
             raise ConfigError("RUN_DIR", message)
-        files = training.write_plots(run_dir, args.out, optional=False)
+        files = runs.write_plots(run_dir, args.out, optional=False)
         for path in files.values():
             print(f"wrote {_rel(path)}")
         return
@@ -287,8 +291,8 @@ def _plot(args):
         raise ConfigError("--taps", config_lib.message_of(error)) from None
     out = Path(args.out)
     for name, activation in features.items():
-        filename = re.sub(r"[^\w.@-]+", "_", name) + ".png"
-        path = plot.feature_maps(activation[0], out / filename, title=name)
+        path = out / f"{runs.file_name(name)}.png"
+        path = plot.feature_maps(activation[0], path, title=name)
         print(f"wrote {_rel(path)}")
 
 
@@ -304,18 +308,18 @@ def _load_model(spec, *, base_only=False):
     """
     import keras
 
-    from keras_tap import training
+    from keras_tap import runs, sources, training
 
     path = Path(spec)
-    if path.is_dir() and (path / training.MODEL).is_file():
-        path = path / training.MODEL
+    if path.is_dir() and (path / runs.MODEL).is_file():
+        path = path / runs.MODEL
     if path.suffix in _CONFIG_SUFFIXES:
         cfg = config_lib.load(path)
-        trained = Path(cfg.run.dir) / training.MODEL
+        trained = Path(cfg.run.dir) / runs.MODEL
         if trained.is_file():
             path = trained
         elif base_only:
-            return training.build_model(cfg.model, "model")
+            return sources.build_model(cfg.model, "model")
         else:
             print(
                 f"keras-tap: note: no trained model at {_rel(trained)}; "

@@ -1,297 +1,88 @@
 """Typed, validated configs for `kt.train` and the `keras-tap` command.
 
 A config is a YAML or JSON mapping with the sections `model`, `teacher`,
-`taps`, `compile`, `data`, `fit`, `callbacks` and `run` (see the README).
-Keras objects in it are identifiers (`"adam"`, `"mse"`, `"activity_l1"`) or
-Keras's serialization form `{"class_name": ..., "config": {...}}`, and each
-is checked by deserializing it. YAML is read with `yaml.safe_load`; nothing
-in a config is evaluated.
+`taps`, `compile`, `data`, `fit`, `callbacks` and `run` (see
+`docs/config.md`). Keras objects in it are identifiers (`"adam"`, `"mse"`,
+`"activity_l1"`) or Keras's serialization form `{"class_name": ...,
+"config": {...}}`, and each is checked by deserializing it. YAML is read
+with `yaml.safe_load`; nothing in a config is evaluated.
 
 Every problem raises `ConfigError`, a `ValueError` whose message starts with
 the key path of the offending value: `taps.early.weight: expected a
 non-negative number or a schedule, got -1`. Tap names holding `.` or `/` are
 quoted: `taps["resnet50/conv3_block1_out"].weight`.
 
-This module only checks: the data section is read by `keras_tap.data`, and
-models are built and trained by `keras_tap.training`.
+This module only checks, section by section: key paths and `--set`
+overrides are in `keras_tap.keypaths`, the value checks in
+`keras_tap.config_checks`, the `model`/`teacher` sources in
+`keras_tap.sources` and the `data` section in `keras_tap.data`; models are
+built and trained by `keras_tap.training`.
 """
 
 import dataclasses
-import difflib
-import inspect
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-import keras
 import yaml
+
+from keras_tap import data, sources
+from keras_tap.config_checks import (
+    KERAS_FORM,
+    KERAS_MODULES,
+    boolean,
+    check_keys,
+    expected,
+    field,
+    identifier,
+    identifiers,
+    integer,
+    mapping,
+    one_of,
+    read_section,
+    resolve,
+    resolve_callback,
+    text,
+    with_module,
+)
+from keras_tap.keypaths import (
+    ConfigError,
+    apply_override,
+    hint,
+    key_path,
+    message_of,
+    parse_key_path,
+)
+from keras_tap.sources import MODEL_SOURCES, ModelConfig
+
+__all__ = [
+    "CallbackConfig",
+    "CompileConfig",
+    "Config",
+    "ConfigError",
+    "FitConfig",
+    "MODEL_SOURCES",
+    "ModelConfig",
+    "RunConfig",
+    "SECTIONS",
+    "TapConfig",
+    "apply_override",
+    "check_keys",
+    "hint",
+    "key_path",
+    "load",
+    "message_of",
+    "parse_key_path",
+    "read",
+    "resolve",
+    "resolve_callback",
+    "with_module",
+]
 
 SECTIONS = ("model", "teacher", "taps", "compile", "data", "fit")
 SECTIONS += ("callbacks", "run")
-MODEL_SOURCES = ("application", "file", "builder")
-KERAS_FORM = ("class_name", "config", "module", "registered_name")
-_SOURCES = {
-    "model": MODEL_SOURCES,
-    "teacher": MODEL_SOURCES,
-    "data": ("dataset", "npz", "npy", "directory"),
-}
-_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*\Z")
-_TOKEN = re.compile(
-    r"""\[\s*(?:"((?:[^"\\]|\\.)*)"|'([^']*)'|(\d+))\s*\]"""
-    r"""|(?:^|\.)([A-Za-z0-9_\-@]+)"""
-)
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message starts with its key path.
-
-    Attributes:
-        path: the key path, e.g. `taps.early.weight`.
-        message: what was wrong, without the key path.
-    """
-
-    def __init__(self, path, message):
-        self.path = path
-        self.message = message
-        super().__init__(f"{path}: {message}" if path else message)
-
-
-# ---------------------------------------------------------------- key paths
-
-
-def key_path(*parts, prefix=""):
-    """Joins keys and list indices into a key path, quoting odd keys.
-
-    Args:
-        *parts: keys (`str`) and list indices (`int`).
-        prefix: a key path to extend.
-
-    Example:
-
-    >>> key_path("taps", "a/b", "weight"), key_path(0, prefix="callbacks")
-    ('taps["a/b"].weight', 'callbacks[0]')
-    """
-    text = prefix
-    for part in parts:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif _PLAIN_KEY.match(part):
-            text += f".{part}" if text else part
-        else:
-            text += f"[{json.dumps(part)}]"
-    return text
-
-
-def parse_key_path(text):
-    """Splits a key path such as `taps["a/b"].weight` into its parts."""
-    parts, pos = [], 0
-    while pos < len(text):
-        match = _TOKEN.match(text, pos)
-        if match is None or match.end() == pos:
-            raise ConfigError(
-                "--set",
-                f"cannot parse the key path {text!r} at character {pos + 1}; "
-                'expected keys joined by "." and odd names quoted in '
-                'brackets: taps["a/b"].weight=0.5',
-            )
-        double, single, index, name = match.groups()
-        if double is not None:
-            parts.append(json.loads(f'"{double}"'))
-        elif index is not None:
-            parts.append(int(index))
-        else:
-            parts.append(single if single is not None else name)
-        pos = match.end()
-    if not parts:
-        raise ConfigError("--set", "expected key.path=value, got no key path")
-    return parts
-
-
-def apply_override(raw, assignment):
-    """Applies one `key.path=value` assignment to a raw config dict.
-
-    The value is parsed with `yaml.safe_load`: `3`, `0.5`, `true`, `[1, 2]`
-    and `null` give an int, a float, a bool, a list and `None`. Mappings
-    missing on the way are created, and a tap written as a bare layer path
-    becomes `{layer: path}`. Modifies and returns `raw`.
-    """
-    if not isinstance(assignment, str) or "=" not in assignment:
-        raise ConfigError(
-            "--set", f"expected key.path=value, got {assignment!r} (no '=')"
-        )
-    text, _, value_text = assignment.partition("=")
-    parts = parse_key_path(text.strip())
-    try:
-        value = yaml.safe_load(value_text)
-    except yaml.YAMLError as error:
-        message = f"cannot parse the --set value: {message_of(error)}"
-        raise ConfigError(key_path(*parts), message) from None
-    node = raw
-    for depth, part in enumerate(parts):
-        here = key_path(*parts[: depth + 1])
-        if isinstance(part, int):
-            if not isinstance(node, list) or not -len(node) <= part < len(node):
-                raise ConfigError(here, "no such list item")
-        elif not isinstance(node, dict):
-            raise ConfigError(here, f"cannot set a key in {_show(node)}")
-        if depth == len(parts) - 1:
-            if (
-                depth == 1
-                and value is not None
-                and part in _SOURCES.get(parts[0], ())
-            ):
-                keep = parts[0] == "data"
-                for key in list(node):
-                    if key != part and (not keep or key in _SOURCES["data"]):
-                        del node[key]
-            node[part] = value
-        elif isinstance(part, str) and node.get(part) is None:
-            node[part] = {}
-            node = node[part]
-        else:
-            if (
-                parts[0] == "taps"
-                and depth == 1
-                and isinstance(node[part], str)
-            ):
-                node[part] = {"layer": node[part]}
-            node = node[part]
-    return raw
-
-
-# ------------------------------------------------------------------ checks
-# A check is `check(value, where) -> value`, raising `ConfigError`.
-
-
-def expected(where, what, value):
-    return ConfigError(where, f"expected {what}, got {_show(value)}")
-
-
-def integer(minimum):
-    def check(value, where):
-        if type(value) is not int or value < minimum:
-            raise expected(where, f"an integer >= {minimum}", value)
-        return value
-
-    return check
-
-
-def number(low=None, high=None):
-    def check(value, where):
-        if (
-            type(value) not in (int, float)
-            or not math.isfinite(value)
-            or (low is not None and value < low)
-            or (high is not None and value >= high)
-        ):
-            if high is not None:
-                raise expected(where, f"a number in [{low}, {high})", value)
-            raise expected(where, f"a number >= {low}", value)
-        return float(value)
-
-    return check
-
-
-def one_of(*options):
-    def check(value, where):
-        if not any(value == o and type(value) is type(o) for o in options):
-            words = ", ".join(_show(o) for o in options)
-            raise expected(where, f"one of {words}", value)
-        return value
-
-    return check
-
-
-def text(value, where):
-    if not isinstance(value, str) or not value:
-        raise expected(where, "a non-empty string", value)
-    return value
-
-
-def boolean(value, where):
-    if not isinstance(value, bool):
-        raise expected(where, "true or false", value)
-    return value
-
-
-def mapping(value, where):
-    if not isinstance(value, dict):
-        raise expected(where, "a mapping", value)
-    return dict(value)
-
-
-def shape(length):
-    def check(value, where):
-        if (
-            not isinstance(value, list)
-            or len(value) != length
-            or not all(type(v) is int and v > 0 for v in value)
-        ):
-            raise expected(
-                where, f"a list of {length} positive integers", value
-            )
-        return value
-
-    return check
-
-
-def identifier(kind):
-    def check(value, where):
-        resolve(kind, value, where)
-        return value
-
-    return check
-
-
-def identifiers(kind):
-    def check(value, where):
-        value = [value] if isinstance(value, (str, dict)) else value
-        if not isinstance(value, list):
-            raise expected(where, f"a list of {kind}s", value)
-        for i, item in enumerate(value):
-            resolve(kind, item, key_path(i, prefix=where))
-        return value
-
-    return check
-
-
-def field(default, check=None):
-    """A dataclass field that `read_section` reads, checked by `check`
-    (any value is taken as it is without one)."""
-    check = check or (lambda value, where: value)
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(
-            default_factory=lambda: type(default)(default),
-            metadata={"check": check},
-        )
-    return dataclasses.field(default=default, metadata={"check": check})
-
-
-def read_section(cls, raw, where, extra_keys=()):
-    """Checks a raw section against the fields of dataclass `cls`.
-
-    Returns `{field: value}` for every field with a check; a missing or
-    `null` value gives the field's default.
-    """
-    raw = {} if raw is None else raw
-    fields = dataclasses.fields(cls)
-    check_keys(raw, where, [f.name for f in fields] + list(extra_keys))
-    values = {}
-    for f in fields:
-        check = f.metadata.get("check")
-        if check is None:
-            continue
-        value = raw.get(f.name)
-        if value is None:
-            has_factory = f.default is dataclasses.MISSING
-            value = f.default_factory() if has_factory else f.default
-        else:
-            value = check(value, key_path(f.name, prefix=where))
-        values[f.name] = value
-    return values
 
 
 # ----------------------------------------------------------------- sections
@@ -301,35 +92,6 @@ def _as_dict(section):
     return {
         f.name: getattr(section, f.name) for f in dataclasses.fields(section)
     }
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Where a model comes from.
-
-    `kind` is `"application"` (`value` a `keras.applications` name, `kwargs`
-    its arguments), `"file"` (`value` an absolute `.keras` path, loaded in
-    safe mode), `"builder"` (`value` `"module:function"`, called with
-    `kwargs`, imported with `python_path` and the cwd on `sys.path`) or
-    `"keras"` (`value` a Keras serialization of a model).
-    """
-
-    kind: str
-    value: Any
-    kwargs: dict = dataclasses.field(default_factory=dict)
-    python_path: tuple = ()
-
-    def to_dict(self):
-        if self.kind == "application":
-            return {"application": {"name": self.value, **self.kwargs}}
-        if self.kind == "builder":
-            paths = list(self.python_path)
-            return {
-                "builder": self.value,
-                "kwargs": self.kwargs,
-                "python_path": paths,
-            }
-        return {"file": self.value} if self.kind == "file" else self.value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -465,8 +227,6 @@ def load(path_or_dict, overrides=(), *, base_dir=None):
     >>> cfg.model.kind, list(cfg.taps), cfg.data.value
     ('application', ['block_1_expand_relu'], 'sklearn_digits')
     """
-    from keras_tap import data
-
     source = None
     if isinstance(path_or_dict, Config):
         if not overrides and base_dir is None:
@@ -485,12 +245,11 @@ def load(path_or_dict, overrides=(), *, base_dir=None):
     base = Path(base_dir or (source.parent if source else Path.cwd())).resolve()
     check_keys(raw, "", SECTIONS)
     teacher = raw.get("teacher")
-    teacher = (
-        None if teacher is None else _model(raw["teacher"], "teacher", base)
-    )
+    if teacher is not None:
+        teacher = sources.read_model(teacher, "teacher", base)
     taps = _taps(raw.get("taps"), teacher is not None)
     return Config(
-        model=_model(raw.get("model"), "model", base),
+        model=sources.read_model(raw.get("model"), "model", base),
         taps=taps,
         teacher=teacher,
         compile=CompileConfig(**_section(CompileConfig, raw, "compile")),
@@ -504,77 +263,6 @@ def load(path_or_dict, overrides=(), *, base_dir=None):
 
 def _section(cls, raw, name):
     return read_section(cls, raw.get(name), name)
-
-
-def path(value, where, base, *, suffix=None, directory=False):
-    """Checks that `value` names an existing file (or directory) relative
-    to `base`, and returns its absolute path."""
-    if not isinstance(value, str) or not value:
-        raise expected(where, "a path", value)
-    result = (Path(base) / os.path.expanduser(value)).resolve()
-    if not (result.is_dir() if directory else result.is_file()):
-        kind = "directory" if directory else "file"
-        raise ConfigError(where, f"no such {kind}: {str(result)!r}")
-    if suffix and result.suffix.lower() != suffix:
-        raise expected(where, f"a {suffix} file", value)
-    return str(result)
-
-
-def _model(raw, where, base):
-    if isinstance(raw, dict) and "class_name" in raw:
-        check_keys(raw, where, KERAS_FORM)
-        mapping(raw.get("config", {}), f"{where}.config")
-        return ModelConfig("keras", raw)
-    given = [
-        key for key in MODEL_SOURCES if isinstance(raw, dict) and key in raw
-    ]
-    if len(given) != 1:
-        if isinstance(raw, dict):
-            check_keys(raw, where, MODEL_SOURCES + ("kwargs", "python_path"))
-        what = "one of application, file, builder or {class_name, config}"
-        raise expected(where, what, raw)
-    kind = given[0]
-    if kind == "file":
-        check_keys(raw, where, ("file",))
-        return ModelConfig(
-            "file", path(raw["file"], f"{where}.file", base, suffix=".keras")
-        )
-    if kind == "builder":
-        check_keys(raw, where, ("builder", "kwargs", "python_path"))
-        spec = raw["builder"]
-        if not isinstance(spec, str) or not re.fullmatch(r"[\w.]+:\w+", spec):
-            raise expected(f"{where}.builder", "'module:function'", spec)
-        kwargs = mapping(raw.get("kwargs") or {}, f"{where}.kwargs")
-        dirs = raw.get("python_path") or [str(base)]
-        if not isinstance(dirs, list):
-            raise expected(
-                f"{where}.python_path", "a list of directories", dirs
-            )
-        dirs = tuple(
-            path(d, f"{where}.python_path[{i}]", base, directory=True)
-            for i, d in enumerate(dirs)
-        )
-        return ModelConfig("builder", spec, kwargs, dirs)
-    check_keys(raw, where, ("application",))
-    where = f"{where}.application"
-    app = raw["application"]
-    app = {"name": app} if isinstance(app, str) else app
-    if not isinstance(app, dict) or not isinstance(app.get("name"), str):
-        raise expected(where, "{name: <keras.applications name>, ...}", app)
-    kwargs = dict(app)
-    name = kwargs.pop("name")
-    function = getattr(keras.applications, name, None)
-    if not name[:1].isupper() or not callable(function):
-        names = [n for n in dir(keras.applications) if n[:1].isupper()]
-        message = (
-            f"unknown keras.applications model {name!r}{hint(name, names)}"
-        )
-        raise ConfigError(f"{where}.name", message)
-    parameters = inspect.signature(function).parameters
-    check_keys(
-        kwargs, where, ("name",) + tuple(p for p in parameters if p != "name")
-    )
-    return ModelConfig("application", name, kwargs)
 
 
 def _taps(raw, has_teacher):
@@ -644,106 +332,6 @@ def _run(raw, base, source):
     return RunConfig(**values)
 
 
-# ------------------------------------------------------- Keras identifiers
-
-_KERAS_MODULES = {
-    "loss": keras.losses,
-    "regularizer": keras.regularizers,
-    "metric": keras.metrics,
-    "optimizer": keras.optimizers,
-}
-
-
-def resolve(kind, value, where):
-    """Deserializes an identifier or `{class_name, config}` of `kind`.
-
-    `kind` is `"loss"`, `"regularizer"`, `"schedule"` (through `kt.losses`,
-    `kt.regularizers`, `kt.schedules`), `"metric"` or `"optimizer"`; a short
-    dict without `module` is looked up in the matching `keras` module.
-    """
-    from keras_tap import losses, regularizers, schedules
-
-    getter = {
-        "loss": losses.get,
-        "regularizer": regularizers.get,
-        "schedule": schedules.get,
-        "metric": keras.metrics.get,
-        "optimizer": keras.optimizers.get,
-    }[kind]
-    if isinstance(value, dict):
-        value = with_module(value, _KERAS_MODULES.get(kind))
-    elif not isinstance(value, str):
-        raise expected(
-            where, f"a {kind} identifier or {{class_name, config}}", value
-        )
-    try:
-        result = getter(value)
-    except Exception as error:
-        message = message_of(error)
-        name = value.get("class_name") if isinstance(value, dict) else value
-        modules = [_KERAS_MODULES.get(kind)]
-        modules.append({"loss": losses, "regularizer": regularizers}.get(kind))
-        modules.append(schedules if kind == "schedule" else None)
-        names = {n for m in modules if m for n in dir(m) if n[:1].isalpha()}
-        if kind == "optimizer" and isinstance(value, str):
-            names = {n.lower() for n in names if n[:1].isupper()}
-        if name not in names and (
-            kind in ("optimizer", "metric") or isinstance(value, dict)
-        ):
-            message = f"unknown {kind} {name!r}{hint(name, sorted(names))}"
-        raise ConfigError(where, message) from None
-    if result is None:
-        raise expected(where, f"a {kind}", value)
-    return result
-
-
-def with_module(value, module):
-    """Adds `module` to a short `{class_name, config}` that names a class of
-    the Keras `module`, so that Keras's deserializer finds it."""
-    name = value.get("class_name")
-    if (
-        module is None
-        or "module" in value
-        or not isinstance(name, str)
-        or not isinstance(getattr(module, name, None), type)
-    ):
-        return value
-    return {**value, "module": module.__name__}
-
-
-def resolve_callback(spec, where):
-    """Builds a callback: a `keras.callbacks` or `kt.callbacks` class name,
-    or a registered `package>Name`, called with `spec.config`."""
-    import keras_tap
-
-    candidates = {}
-    for module in (keras.callbacks, getattr(keras_tap, "callbacks", None)):
-        for attr in dir(module) if module is not None else ():
-            obj = getattr(module, attr)
-            if isinstance(obj, type) and issubclass(
-                obj, keras.callbacks.Callback
-            ):
-                candidates.setdefault(attr, obj)
-    for internal in ("Callback", "CallbackList", "History", "ProgbarLogger"):
-        candidates.pop(internal, None)
-    name = spec.class_name
-    cls = candidates.get(name) if isinstance(name, str) else None
-    if cls is None and isinstance(name, str) and ">" in name:
-        cls = keras.saving.get_registered_object(name)
-    if not (
-        isinstance(cls, type) and issubclass(cls, keras.callbacks.Callback)
-    ):
-        message = f"unknown callback {_show(name)}{hint(name, candidates)}"
-        raise ConfigError(f"{where}.class_name", message)
-    parameters = inspect.signature(cls).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
-        check_keys(spec.config, f"{where}.config", list(parameters))
-    try:
-        return cls(**spec.config)
-    except Exception as error:
-        raise ConfigError(f"{where}.config", message_of(error)) from None
-
-
 def _check_tap(tap, where):
     """Lets `kt.Tap` itself check how the tap's settings combine."""
     from keras_tap import Tap
@@ -751,49 +339,9 @@ def _check_tap(tap, where):
     config = tap.to_dict()
     for key in ("loss", "regularizer"):
         if isinstance(config[key], dict):
-            config[key] = with_module(config[key], _KERAS_MODULES[key])
+            config[key] = with_module(config[key], KERAS_MODULES[key])
     config["adapter"] = None
     try:
         Tap(**config)
     except Exception as error:
         raise ConfigError(where, message_of(error)) from None
-
-
-# ------------------------------------------------------------------ helpers
-
-
-def check_keys(raw, where, allowed):
-    """Raises `ConfigError` for the first key of `raw` not in `allowed`."""
-    if not isinstance(raw, dict):
-        raise expected(where, "a mapping", raw)
-    for key in raw:
-        if key not in allowed:
-            raise ConfigError(
-                key_path(str(key), prefix=where),
-                f"unknown key{hint(key, allowed)} (expected one of "
-                + ", ".join(map(str, allowed))
-                + ")",
-            )
-
-
-def hint(name, candidates):
-    """`"; did you mean 'x'?"` for the closest candidate, or `""`."""
-    close = difflib.get_close_matches(str(name), list(candidates), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _show(value):
-    if isinstance(value, str):
-        return repr(value)
-    text = json.dumps(value, default=lambda v: type(v).__name__)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def message_of(error):
-    """One line of an exception's message, without Keras's config dumps."""
-    message = " ".join(str(error).split())
-    for marker in (" Full object config:", " config={", " Received: config="):
-        message = message.split(marker)[0]
-    if len(message) > 400:
-        message = message[:397] + "..."
-    return message or type(error).__name__

@@ -28,11 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from keras_tap import config as config_lib
-from keras_tap.config import ConfigError, field, key_path
+from keras_tap import config_checks as checks
+from keras_tap import keypaths
+from keras_tap.config_checks import field
+from keras_tap.keypaths import SOURCE_KEYS, ConfigError, key_path
 
 DATASETS = ("sklearn_digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
-SOURCES = ("dataset", "npz", "npy", "directory")
+SOURCES = SOURCE_KEYS["data"]
 _KERAS_CACHE = {
     "mnist": ["mnist.npz"],
     "fashion_mnist": [
@@ -56,19 +58,17 @@ class DataConfig:
 
     source: str = "dataset"
     value: Any = "sklearn_digits"
-    x: str = field("x", config_lib.text)
-    y: Any = field("y", config_lib.text)
-    targets: dict = field({}, config_lib.mapping)
-    image_size: Any = field(None, config_lib.shape(2))
-    color_mode: str = field(
-        "rgb", config_lib.one_of("rgb", "grayscale", "rgba")
-    )
-    rescale: Any = field(None, config_lib.number(low=0))
-    validation_split: float = field(0.2, config_lib.number(low=0, high=1))
-    batch_size: int = field(32, config_lib.integer(1))
-    shuffle: bool = field(True, config_lib.boolean)
-    seed: Any = field(None, config_lib.integer(0))
-    limit: Any = field(None, config_lib.integer(2))
+    x: str = field("x", checks.text)
+    y: Any = field("y", checks.text)
+    targets: dict = field({}, checks.mapping)
+    image_size: Any = field(None, checks.shape(2))
+    color_mode: str = field("rgb", checks.one_of("rgb", "grayscale", "rgba"))
+    rescale: Any = field(None, checks.number(low=0))
+    validation_split: float = field(0.2, checks.number(low=0, high=1))
+    batch_size: int = field(32, checks.integer(1))
+    shuffle: bool = field(True, checks.boolean)
+    seed: Any = field(None, checks.integer(0))
+    limit: Any = field(None, checks.integer(2))
 
     def to_dict(self):
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -77,7 +77,7 @@ class DataConfig:
     @classmethod
     def from_config(cls, raw, taps, base_dir):
         """Checks a raw `data` section against the config's `taps`."""
-        values = config_lib.read_section(cls, raw, "data", extra_keys=SOURCES)
+        values = checks.read_section(cls, raw, "data", extra_keys=SOURCES)
         raw = raw or {}
         given = [key for key in SOURCES if raw.get(key) is not None]
         if len(given) > 1:
@@ -87,29 +87,29 @@ class DataConfig:
         value = raw.get(source, "sklearn_digits")
         where = f"data.{source}"
         if source == "dataset" and value not in DATASETS:
-            hint = config_lib.hint(value, DATASETS)
+            hint = keypaths.hint(value, DATASETS)
             raise ConfigError(where, f"unknown dataset {value!r}{hint}")
         if source != "dataset":
             directory = source == "directory"
             suffix = None if directory else f".{source}"
-            value = config_lib.path(
+            value = checks.path(
                 value, where, base_dir, suffix=suffix, directory=directory
             )
         targets = values["targets"]
         for tap, key in targets.items():
             here = key_path("data", "targets", str(tap))
             if tap not in taps:
-                hint = config_lib.hint(tap, taps)
+                hint = keypaths.hint(tap, taps)
                 raise ConfigError(here, f"no tap named {tap!r}{hint}")
-            config_lib.text(key, here)
+            checks.text(key, here)
         if "y" in raw and raw["y"] is None:
             values["y"] = None  # no prediction targets, only tap targets
         if source == "npy":
             y = raw.get("y")
-            values["y"] = y and config_lib.path(y, "data.y", base_dir)
+            values["y"] = y and checks.path(y, "data.y", base_dir)
             for tap, name in targets.items():
                 here = key_path("data", "targets", tap)
-                targets[tap] = config_lib.path(name, here, base_dir)
+                targets[tap] = checks.path(name, here, base_dir)
         elif targets and source != "npz":
             message = f"tap targets need an npz or npy source, not {source}"
             raise ConfigError("data.targets", message)
@@ -342,14 +342,14 @@ def _read_npz(cfg):
     try:
         archive = np.load(cfg.value, allow_pickle=False)
     except Exception as error:
-        message = f"cannot read {cfg.value!r}: {config_lib.message_of(error)}"
+        message = f"cannot read {cfg.value!r}: {keypaths.message_of(error)}"
         raise ConfigError(where, message) from None
     with archive:
         keys = list(archive.files)
 
         def get(key, at):
             if key not in keys:
-                hint = config_lib.hint(key, keys)
+                hint = keypaths.hint(key, keys)
                 message = f"no array {key!r} in {cfg.value!r} (arrays: "
                 raise ConfigError(at, message + f"{', '.join(keys)}){hint}")
             return archive[key]
@@ -368,7 +368,7 @@ def _read_npy(cfg):
         try:
             return np.load(path, allow_pickle=False)
         except Exception as error:
-            message = f"cannot read {path!r}: {config_lib.message_of(error)}"
+            message = f"cannot read {path!r}: {keypaths.message_of(error)}"
             raise ConfigError(at, message) from None
 
     x = get(cfg.value, "data.npy")
@@ -395,7 +395,7 @@ def _read_directory(cfg):
             verbose=False,
         )
     except Exception as error:
-        message = config_lib.message_of(error)
+        message = keypaths.message_of(error)
         raise ConfigError("data.directory", message) from None
     xs, ys = [], []
     for x, y in dataset.as_numpy_iterator():

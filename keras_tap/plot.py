@@ -33,7 +33,8 @@ def feature_maps(
 
     The drawing depends on the rank of `activation`: `(H, W, C)` gives a
     grid of channel images, each scaled to its own min/max and labelled
-    with its channel index; `(C,)` gives a bar chart of the channels;
+    with its channel index (and its value, for a constant channel such as
+    a dead ReLU); `(C,)` gives a bar chart of the channels;
     `(T, C)` gives a heatmap of channels against time. A leading batch
     axis of size 1 is removed first.
 
@@ -290,9 +291,16 @@ def _channel_grid(array, max_channels, cols, cmap):
     size = (max(3.0, 1.3 * cols), 1.4 * rows + 0.6)
     fig = _figure(size, layout="compressed")
     for channel in range(shown):
+        values = array[..., channel]
         ax = fig.add_subplot(rows, cols, channel + 1)
-        ax.imshow(_normalise(array[..., channel]), cmap=cmap, vmin=0, vmax=1)
-        ax.set_title(str(channel), fontsize=7, pad=2)
+        ax.imshow(_normalise(values), cmap=cmap, vmin=0, vmax=1)
+        label = str(channel)
+        finite = values[np.isfinite(values)]
+        if finite.size and finite.min() == finite.max():
+            # A constant channel draws as one flat colour: say so, so that
+            # a dead ReLU channel does not look like a failed drawing.
+            label += f" (all {finite.min():.3g})"
+        ax.set_title(label, fontsize=7, pad=2)
         ax.set_axis_off()
     return fig
 

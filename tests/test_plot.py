@@ -78,6 +78,18 @@ def test_feature_maps_constant_channel_is_finite(tmp_path):
     assert_png(plot.feature_maps(activation, tmp_path / "maps.png"))
 
 
+def test_feature_maps_labels_constant_channels_with_their_value():
+    """A dead ReLU channel draws as one flat colour; its label says so."""
+    activation = np.zeros((8, 8, 4), dtype="float32")
+    activation[..., 1] = 0.25
+    activation[..., 2] = np.arange(64).reshape(8, 8)
+    activation[0, 0, 3] = np.nan  # a constant channel with a NaN in it
+    activation[..., 3] = np.where(np.isnan(activation[..., 3]), np.nan, 2.0)
+    fig = plot._channel_grid(activation, 64, None, "viridis")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["0 (all 0)", "1 (all 0.25)", "2", "3 (all 2)"]
+
+
 @pytest.mark.parametrize(
     "shape, kwargs, match",
     [
