@@ -42,7 +42,7 @@ class Extractor(keras.Model):
         self.reduce = reduce
         index = tap_model._index
         object.__setattr__(self, "_base", tap_model.base)
-        if index.trace is not None:
+        if index.connected(points):
             tensors = [p.tensor for p in points]
             # A Functional model over the outputs wanted keeps only the
             # layers they depend on: nothing after the deepest tap runs.

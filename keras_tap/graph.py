@@ -141,7 +141,8 @@ class GraphTrace:
         points: `{path: [Point, ...]}` with one point per call, the paths in
             graph order.
         opaque: `{path: layer}` for nested models that are not graph models
-            (subclassed): their outputs are points, their insides are not.
+            (subclassed): their inner points have no tensor (`None`), and
+            are reached by interception.
     """
 
     def __init__(self, model):
@@ -233,10 +234,24 @@ class GraphTrace:
                 prefix=path + SEPARATOR,
                 training=kwargs.get("training"),
             )
+        elif isinstance(layer, keras.Model):
+            # A subclassed model has no graph to inline: its layers' calls
+            # are recorded by interception (shapes, call order), and
+            # tapping one of them makes `TapModel` intercept at run time.
+            self.opaque[path] = layer
+            inner, outputs = trace_calls(
+                layer, run=lambda: layer(*args, **kwargs)
+            )
+            for inner_path, calls in inner.items():
+                full = path + SEPARATOR + inner_path
+                known = self.points.setdefault(full, [])
+                for point in calls:
+                    known.append(
+                        Point(full, len(known), point.layer, None,
+                              point.shape)
+                    )
         else:
             outputs = layer(*args, **kwargs)
-            if isinstance(layer, keras.Model):
-                self.opaque[path] = layer
         self._record(path, layer, outputs)
         return outputs
 
@@ -345,12 +360,18 @@ def input_spec_of(model):
     return make(shape)
 
 
-def trace_calls(model):
-    """Run a subclassed `model` symbolically and record every layer call.
+def trace_calls(model, run=None):
+    """Run `model` symbolically and record every call of its layers.
+
+    Args:
+        model: a model whose layers to watch (nested models expanded).
+        run: a function that calls `model` (default: on symbolic inputs of
+            its build shape).
 
     Returns:
-        `{path: [Point, ...]}` in the order the calls happened; `tensor` is
-        left `None` and `shape` is filled in.
+        `({path: [Point, ...]}, run's result)`, the points in the order the
+        calls ended (a nested model after its layers, as in a
+        `GraphTrace`); `tensor` is left `None` and `shape` is filled in.
     """
     layers = dict(walk_layers(model))
     by_id = {id(layer): path for path, layer in layers.items()}
@@ -364,17 +385,20 @@ def trace_calls(model):
 
         def call(*args, **kwargs):
             outputs = inner(*args, **kwargs)
-            # Listed as its call ends: a nested model after its layers, as
-            # in a `GraphTrace`.
             order.append(id(layer))
             return outputs
 
         return call
 
     interceptor._wrap = wrap
-    inputs = input_spec_of(model)
+    if run is None:
+        inputs = input_spec_of(model)
+
+        def run():
+            return model(inputs)
+
     with interceptor.watch():
-        model(inputs)
+        result = run()
     points = {}
     seen = {}
     for key in order:
@@ -389,4 +413,4 @@ def trace_calls(model):
     # calls, so that paths to them give a precise error.
     for path, layer in layers.items():
         points.setdefault(path, [])
-    return points
+    return points, result

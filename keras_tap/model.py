@@ -168,7 +168,7 @@ class TapModel(StatisticsMixin, TargetsMixin, keras.Model):
 
     def _build_forward(self, index):
         points = [p for _, _, p in self._tap_specs]
-        if index.trace is not None:
+        if index.connected(points):
             trace = index.trace
             outputs = keras.tree.flatten(trace.outputs)
             outputs += [p.tensor for p in points]
@@ -189,7 +189,7 @@ class TapModel(StatisticsMixin, TargetsMixin, keras.Model):
         names = [n for n, _ in self._teacher_points]
         points = [p for _, p in self._teacher_points]
         index = self._teacher_index
-        if index.trace is not None:
+        if index.connected(points):
             tensors = [p.tensor for p in points]
             return ("graph", keras.Model(index.trace.inputs, tensors), names)
         return ("intercept", self._interceptor(points, names), names)

@@ -59,7 +59,14 @@ class LayerIndex:
             self.points = self.trace.points
         else:
             self.trace = None
-            self.points = graph.trace_calls(model)
+            self.points, _ = graph.trace_calls(model)
+
+    def connected(self, points):
+        """Whether `points` are tensors of the rebuilt graph (else they are
+        reached by interception while the model runs)."""
+        return self.trace is not None and all(
+            p.tensor is not None for p in points
+        )
 
     def point_names(self):
         """Every valid tap address: bare paths, and `path@i` for shared."""
@@ -92,13 +99,6 @@ class LayerIndex:
         layer = self.model
         for i, part in enumerate(parts):
             parent = graph.SEPARATOR.join(parts[:i])
-            if i and self.trace is not None and parent in self.trace.opaque:
-                return (
-                    f"'{parent}' is a subclassed model nested in a graph "
-                    "model; its inner layers are not part of the graph "
-                    f"(tap '{parent}' itself, or tap the nested model "
-                    "directly)"
-                )
             if i and not isinstance(layer, keras.Model):
                 return (
                     f"'{parent}' is a {type(layer).__name__} layer, not "

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_tap as kt
 from keras_tap import paths
@@ -192,19 +193,49 @@ def test_layer_object_not_in_model(nested):
         kt.TapModel(nested, stranger)
 
 
-def test_subclassed_nested_in_graph_model_is_opaque():
+def test_subclassed_nested_in_graph_model_is_tapped_inside():
     inner = Siamese(name="sub")
     inner(np.zeros((1, 4), "float32"))
     inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(4, name="pre")(inputs)
     model = keras.Model(inputs, keras.layers.Dense(1, name="out")(
-        inner(inputs)))
-    assert [r.path for r in kt.list_layers(model)] == ["sub", "out"]
-    with pytest.raises(ValueError, match=r"'sub' is a subclassed model"):
-        kt.TapModel(model, "sub/tower@0")
-    # The subclassed model's own output is a point.
-    x = np.ones((2, 4), "float32")
-    _, taps = kt.TapModel(model, "sub")(x)
-    np.testing.assert_allclose(taps["sub"], inner(x), rtol=1e-6)
+        inner(hidden)))
+    records = {r.path: r for r in kt.list_layers(model)}
+    assert list(records) == [
+        "pre", "sub/tower", "sub/head", "sub/unused", "sub", "out"
+    ]
+    assert records["sub/tower"].calls == 2
+    assert records["sub/tower"].output_shape == (None, 3)
+    with pytest.raises(ValueError, match=r"called 2 times"):
+        kt.TapModel(model, "sub/tower")
+    with pytest.raises(ValueError, match=r"Closest valid paths: \['sub/"):
+        kt.TapModel(model, "sub/towr@0")
+    tap_model = kt.TapModel(model, ["sub/tower@1", "pre", "sub"])
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    predictions, taps = tap_model(x)
+    np.testing.assert_allclose(predictions, model(x), rtol=1e-6)
+    pre = model.get_layer("pre")(x)
+    np.testing.assert_allclose(taps["pre"], pre, rtol=1e-6)
+    np.testing.assert_allclose(
+        taps["sub/tower@1"], inner.tower(pre[:, 2:]), rtol=1e-5
+    )
+    np.testing.assert_allclose(taps["sub"], inner(pre), rtol=1e-6)
+    # Gradients flow through the intercepted tap, as through the base.
+    with tf.GradientTape() as tape:
+        _, taps = tap_model(x)
+        loss = tf.reduce_sum(taps["sub/tower@1"] ** 2)
+    grads = tape.gradient(loss, inner.tower.trainable_variables)
+    with tf.GradientTape() as tape:
+        right = model.get_layer("pre")(x)[:, 2:]
+        expected = tf.reduce_sum(inner.tower(right) ** 2)
+    want = tape.gradient(expected, inner.tower.trainable_variables)
+    for got, ref in zip(grads, want):
+        np.testing.assert_allclose(got, ref, rtol=1e-5)
+    # Extraction reaches the inner call too.
+    values = tap_model.extract(x, taps=["sub/tower@0"], verbose=0)
+    np.testing.assert_allclose(
+        values["sub/tower@0"], inner.tower(pre[:, :2]), rtol=1e-5
+    )
 
 
 class Wrapper(keras.Model):
