@@ -9,11 +9,11 @@ Activations are channels-last: `(batch, ..., channels)`.
 """
 
 import difflib
-import math
-import numbers
 
 import keras
 from keras import ops
+
+from keras_tap.validation import as_float32, check_number, from_name
 
 __all__ = [
     "AttentionTransfer",
@@ -26,34 +26,6 @@ __all__ = [
 ]
 
 _PACKAGE = "keras_tap"
-
-
-def _check_number(
-    owner, name, value, *, minimum=0.0, strict=False, integer=False
-):
-    """Returns `value` as a float (or int), or raises a `ValueError`."""
-    kind = numbers.Integral if integer else numbers.Real
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value)
-    ok = ok and (value > minimum if strict else value >= minimum)
-    if not ok:
-        noun = "an integer" if integer else "a finite number"
-        bound = f"> {minimum}" if strict else f">= {minimum}"
-        raise ValueError(
-            f"Invalid value for argument `{name}` of `{owner}`: expected "
-            f"{noun} {bound}. Received: {name}={value!r}"
-        )
-    return int(value) if integer else float(value)
-
-
-def _as_float32(x, owner, min_rank):
-    x = ops.cast(x, "float32")
-    if len(x.shape) < min_rank:
-        raise ValueError(
-            f"`{owner}` expects activations of rank >= {min_rank} "
-            f"(batch first, channels last). Received: shape={x.shape}"
-        )
-    return x
 
 
 def _per_sample_mean(values):
@@ -145,8 +117,8 @@ class FeatureMSE(_FeatureLoss):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
 
     def call(self, y_true, y_pred):
-        t = _as_float32(y_true, type(self).__name__, 1)
-        s = _as_float32(y_pred, type(self).__name__, 1)
+        t = as_float32(y_true, type(self).__name__, 1)
+        s = as_float32(y_pred, type(self).__name__, 1)
         return _per_step_mean(ops.mean(ops.square(s - t), axis=-1))
 
 
@@ -190,10 +162,10 @@ class AttentionTransfer(_FeatureLoss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.p = _check_number(type(self).__name__, "p", p, minimum=1.0)
+        self.p = check_number(type(self).__name__, "p", p, minimum=1.0)
 
     def _attention(self, x):
-        x = _as_float32(x, type(self).__name__, 3)
+        x = as_float32(x, type(self).__name__, 3)
         q = _flatten(ops.sum(ops.power(ops.abs(x), self.p), axis=-1))
         return _l2_normalize(q, -1, keras.config.epsilon())
 
@@ -237,7 +209,7 @@ class GramMatrix(_FeatureLoss):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
 
     def _gram(self, x):
-        f = _positions_by_channels(_as_float32(x, type(self).__name__, 2))
+        f = _positions_by_channels(as_float32(x, type(self).__name__, 2))
         size = ops.cast(ops.shape(f)[1] * ops.shape(f)[2], "float32")
         return ops.matmul(ops.transpose(f, (0, 2, 1)), f) / size
 
@@ -281,15 +253,15 @@ class CosineFeature(_FeatureLoss):
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         if epsilon is not None:
-            epsilon = _check_number(
+            epsilon = check_number(
                 type(self).__name__, "epsilon", epsilon, strict=True
             )
         self.epsilon = epsilon
 
     def call(self, y_true, y_pred):
         eps = keras.config.epsilon() if self.epsilon is None else self.epsilon
-        t = _flatten(_as_float32(y_true, type(self).__name__, 1))
-        s = _flatten(_as_float32(y_pred, type(self).__name__, 1))
+        t = _flatten(as_float32(y_true, type(self).__name__, 1))
+        s = _flatten(as_float32(y_pred, type(self).__name__, 1))
         cosine = ops.sum(
             _l2_normalize(s, -1, eps) * _l2_normalize(t, -1, eps), axis=-1
         )
@@ -343,13 +315,13 @@ class NST(_FeatureLoss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.degree = _check_number(
+        self.degree = check_number(
             "NST", "degree", degree, minimum=1, integer=True
         )
-        self.constant = _check_number("NST", "constant", constant)
+        self.constant = check_number("NST", "constant", constant)
 
     def _channels(self, x):
-        x = _positions_by_channels(_as_float32(x, type(self).__name__, 3))
+        x = _positions_by_channels(as_float32(x, type(self).__name__, 3))
         x = ops.transpose(x, (0, 2, 1))  # (B, C, N)
         return _l2_normalize(x, -1, keras.config.epsilon())
 
@@ -493,7 +465,7 @@ _BY_NAME = {**{cls.__name__: cls for cls in _CLASSES}, **_ALIASES}
 
 
 def _from_string(identifier):
-    cls = _BY_NAME.get(identifier) or _ALIASES.get(identifier.lower())
+    cls = from_name(identifier, _BY_NAME, _ALIASES)
     if cls is not None:
         return cls()
     if ">" in identifier:

@@ -12,11 +12,11 @@ overflow.
 """
 
 import difflib
-import math
-import numbers
 
 import keras
 from keras import ops
+
+from keras_tap.validation import as_float32, check_number, from_name
 
 __all__ = [
     "ActivityL1",
@@ -29,30 +29,6 @@ __all__ = [
 ]
 
 _PACKAGE = "keras_tap"
-
-
-def _check_number(owner, name, value, *, minimum=0.0, strict=False):
-    """Returns `value` as a float, or raises a `ValueError` naming it."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value)
-    ok = ok and (value > minimum if strict else value >= minimum)
-    if not ok:
-        bound = f"> {minimum}" if strict else f">= {minimum}"
-        raise ValueError(
-            f"Invalid value for argument `{name}` of `{owner}`: expected a "
-            f"finite number {bound}. Received: {name}={value!r}"
-        )
-    return float(value)
-
-
-def _as_float32(x, owner, min_rank):
-    x = ops.cast(x, "float32")
-    if len(x.shape) < min_rank:
-        raise ValueError(
-            f"`{owner}` expects an activation of rank >= {min_rank} "
-            f"(batch first, channels last). Received: shape={x.shape}"
-        )
-    return x
 
 
 def _per_sample_sum(values):
@@ -97,10 +73,10 @@ class ActivityL1(keras.regularizers.Regularizer):
     """
 
     def __init__(self, l1=0.01):
-        self.l1 = _check_number(type(self).__name__, "l1", l1)
+        self.l1 = check_number(type(self).__name__, "l1", l1)
 
     def __call__(self, x):
-        x = _as_float32(x, type(self).__name__, 1)
+        x = as_float32(x, type(self).__name__, 1)
         return self.l1 * ops.mean(_per_sample_sum(ops.abs(x)))
 
     def get_config(self):
@@ -129,10 +105,10 @@ class ActivityL2(keras.regularizers.Regularizer):
     """
 
     def __init__(self, l2=0.01):
-        self.l2 = _check_number(type(self).__name__, "l2", l2)
+        self.l2 = check_number(type(self).__name__, "l2", l2)
 
     def __call__(self, x):
-        x = _as_float32(x, type(self).__name__, 1)
+        x = as_float32(x, type(self).__name__, 1)
         return self.l2 * ops.mean(_per_sample_sum(ops.square(x)))
 
     def get_config(self):
@@ -174,17 +150,17 @@ class KLSparsity(keras.regularizers.Regularizer):
 
     def __init__(self, rho=0.05, beta=1.0):
         owner = type(self).__name__
-        rho = _check_number(owner, "rho", rho, strict=True)
+        rho = check_number(owner, "rho", rho, strict=True)
         if rho >= 1.0:
             raise ValueError(
                 f"Invalid value for argument `rho` of `{owner}`: expected a "
                 f"target rate in (0, 1). Received: rho={rho!r}"
             )
         self.rho = rho
-        self.beta = _check_number(owner, "beta", beta)
+        self.beta = check_number(owner, "beta", beta)
 
     def __call__(self, x):
-        x = _as_float32(x, type(self).__name__, 2)
+        x = as_float32(x, type(self).__name__, 2)
         eps = keras.config.epsilon()
         rho_hat = ops.mean(_samples_by_channels(x), axis=0)
         rho_hat = ops.clip(rho_hat, eps, 1.0 - eps)
@@ -228,10 +204,10 @@ class DeCov(keras.regularizers.Regularizer):
     """
 
     def __init__(self, weight=1.0):
-        self.weight = _check_number(type(self).__name__, "weight", weight)
+        self.weight = check_number(type(self).__name__, "weight", weight)
 
     def __call__(self, x):
-        h = _samples_by_channels(_as_float32(x, type(self).__name__, 2))
+        h = _samples_by_channels(as_float32(x, type(self).__name__, 2))
         h = h - ops.mean(h, axis=0, keepdims=True)
         cov = ops.matmul(ops.transpose(h), h) / _count(h, 0)
         return self.weight * 0.5 * ops.sum(ops.square(_off_diagonal(cov)))
@@ -273,10 +249,10 @@ class Orthogonality(keras.regularizers.Regularizer):
     """
 
     def __init__(self, weight=1.0):
-        self.weight = _check_number(type(self).__name__, "weight", weight)
+        self.weight = check_number(type(self).__name__, "weight", weight)
 
     def __call__(self, x):
-        h = _samples_by_channels(_as_float32(x, type(self).__name__, 2))
+        h = _samples_by_channels(as_float32(x, type(self).__name__, 2))
         h = h - ops.mean(h, axis=0, keepdims=True)
         norm = ops.sqrt(ops.sum(ops.square(h), axis=0, keepdims=True))
         z = h / ops.maximum(norm, keras.config.epsilon())
@@ -334,17 +310,17 @@ class VarianceCovariance(keras.regularizers.Regularizer):
         epsilon=1e-4,
     ):
         owner = type(self).__name__
-        self.variance_weight = _check_number(
+        self.variance_weight = check_number(
             owner, "variance_weight", variance_weight
         )
-        self.covariance_weight = _check_number(
+        self.covariance_weight = check_number(
             owner, "covariance_weight", covariance_weight
         )
-        self.gamma = _check_number(owner, "gamma", gamma)
-        self.epsilon = _check_number(owner, "epsilon", epsilon, strict=True)
+        self.gamma = check_number(owner, "gamma", gamma)
+        self.epsilon = check_number(owner, "epsilon", epsilon, strict=True)
 
     def __call__(self, x):
-        h = _samples_by_channels(_as_float32(x, type(self).__name__, 2))
+        h = _samples_by_channels(as_float32(x, type(self).__name__, 2))
         h = h - ops.mean(h, axis=0, keepdims=True)
         dof = ops.maximum(_count(h, 0) - 1.0, 1.0)
         cov = ops.matmul(ops.transpose(h), h) / dof
@@ -386,7 +362,7 @@ _BY_NAME = {**{cls.__name__: cls for cls in _CLASSES}, **_ALIASES}
 
 
 def _from_string(identifier):
-    cls = _BY_NAME.get(identifier) or _ALIASES.get(identifier.lower())
+    cls = from_name(identifier, _BY_NAME, _ALIASES)
     if cls is not None:
         return cls()
     if ">" in identifier:
