@@ -9,6 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+@keras.saving.register_keras_serializable(package="keras_tap_tests")
 class Counter(keras.layers.Layer):
     """The identity, counting its executions in a non-trainable variable."""
 

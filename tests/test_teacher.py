@@ -3,28 +3,11 @@
 import keras
 import numpy as np
 import pytest
+from conftest import Counter
 
 import keras_tap as kt
 
 N, B = 16, 8
-
-
-@keras.saving.register_keras_serializable(package="keras_tap_tests")
-class Counter(keras.layers.Layer):
-    """The identity, counting its executions in an int variable."""
-
-    def build(self, input_shape):
-        self.count = self.add_weight(
-            shape=(),
-            dtype="int32",
-            initializer="zeros",
-            trainable=False,
-            name="count",
-        )
-
-    def call(self, inputs):
-        self.count.assign_add(1)
-        return inputs
 
 
 def make_student(seed=0):
