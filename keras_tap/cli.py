@@ -15,7 +15,8 @@ keras-tap plot --features MODEL_OR_CONFIG [--data DATA] --taps T [T ...]
 directory (its `model.keras`) or a config (the trained model of its run
 directory when there is one, else the model it builds). `DATA` is a dataset
 name (`sklearn_digits`, `mnist`, ...), a `.npz` file (array `--x-key`), a
-`.npy` file or an image directory; it defaults to a config's data.
+`.npy` file or an image directory; it defaults to the data of the config,
+or of a run directory's config.
 
 Bad input prints one line, `keras-tap: error: <key path>: <message>`, to
 stderr and exits with status 2. This is the only module of keras_tap that
@@ -343,13 +344,16 @@ def _load_model(spec, *, base_only=False):
 def _model_and_inputs(args):
     """The `TapModel` to extract from and the input array."""
     import keras_tap as kt
-    from keras_tap import data
+    from keras_tap import data, runs
 
     model = _load_model(args.model)
+    source = Path(args.model)
+    if source.is_dir() and (source / runs.CONFIG).is_file():
+        source = source / runs.CONFIG  # A run directory: its data.
     if args.data is not None:
         x = data.inputs(args.data, x_key=args.x_key)
-    elif Path(args.model).suffix in _CONFIG_SUFFIXES:
-        x = data.read_arrays(config_lib.load(args.model).data).x
+    elif source.suffix in _CONFIG_SUFFIXES:
+        x = data.read_arrays(config_lib.load(source).data).x
     else:
         raise ConfigError("--data", "a model file needs --data")
     if not isinstance(model, kt.TapModel):

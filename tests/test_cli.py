@@ -498,6 +498,24 @@ def test_extract_writes_an_npz(trained, tmp_path, capsys):
     assert code == 2 and err.startswith("keras-tap: error: --taps: ")
 
 
+def test_extract_from_a_run_directory_uses_its_data(
+    trained, tmp_path, capsys
+):
+    out = tmp_path / "feats.npz"
+    code, text, err = run_cli(
+        "extract", trained, "--taps", "sparse_conv2", "--reduce", "max",
+        "--out", out, capsys=capsys,
+    )  # fmt: skip
+    assert (code, err) == (0, "")
+    with np.load(out) as feats:
+        assert feats["sparse_conv2"].shape == (1797, 32)
+    code, _, err = run_cli(
+        "extract", trained / "base.keras", "--taps", "pool", "--out", out,
+        capsys=capsys,
+    )  # fmt: skip
+    assert code == 2 and "--data: a model file needs --data" in err
+
+
 def assert_png(path, min_side=200):
     import matplotlib.image
 
