@@ -20,7 +20,7 @@ hand-written twin.
 
 Usage:
 
-    python benchmarks/train.py [--steps 20] [--rounds 9]
+    python benchmarks/train.py [--steps 20] [--rounds 15]
 """
 
 import argparse
@@ -302,7 +302,7 @@ def verdict(ok):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
 
     x, y, features = data(4)
