@@ -67,7 +67,9 @@ class _FeatureLoss(keras.losses.Loss):
 
     def __init__(self, name=None, reduction="sum_over_batch_size", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self._dtype_config = None if dtype is None else self._dtype_policy.name
+        self._dtype_config = (
+            None if dtype is None else keras.dtype_policies.get(dtype).name
+        )
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         # `call` may return per-step values `(B, T)` (so that a `(B, T)`
