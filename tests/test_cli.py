@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from keras_tap import cli
+from keras_tap.runs import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
@@ -430,7 +430,7 @@ def test_a_real_process_exits_2_with_one_line(tmp_path):
     path.write_text(yaml.safe_dump(broken(**{"taps|sparse_conv2|weight": -1})))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(
-        [sys.executable, "-m", "keras_tap.cli", "train", str(path)],
+        [sys.executable, "-m", "keras_tap.runs.cli", "train", str(path)],
         capture_output=True,
         text=True,
         env=env,

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
-from keras_tap import config, data, training
-from keras_tap.config import ConfigError
+from keras_tap.runs import config, data
+from keras_tap.runs import train as training
+from keras_tap.runs.config import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
 DIGITS = EXAMPLES / "digits.yaml"

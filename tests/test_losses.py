@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_tap import losses
+from keras_tap.training import losses
 
 
 def _f64(x):

@@ -7,7 +7,7 @@ import tensorflow as tf
 from conftest import Counter, dense_ref
 
 import keras_tap as kt
-from keras_tap import trainers
+from keras_tap.training import trainers
 
 RTOL = 1e-5
 ATOL = 1e-5

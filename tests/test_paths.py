@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_tap as kt
-from keras_tap import paths
+from keras_tap.taps import paths
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import keras_tap
-from keras_tap import plot
+from keras_tap.inspect import plot
 
 matplotlib_image = pytest.importorskip("matplotlib.image")
 

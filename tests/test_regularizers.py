@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_tap import regularizers
+from keras_tap.training import regularizers
 
 EPS = 1e-7  # keras.config.epsilon()
 

@@ -16,7 +16,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_tap import cli, training
+from keras_tap.runs import cli
+from keras_tap.runs import train as training
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "configs" / "digits.yaml"
@@ -36,7 +37,7 @@ TIMEOUT = 240
 
 
 def command(run_dir, *extra):
-    args = [sys.executable, "-m", "keras_tap.cli", "train", str(DIGITS)]
+    args = [sys.executable, "-m", "keras_tap.runs.cli", "train", str(DIGITS)]
     for setting in SETTINGS + [f"run.dir={run_dir}"]:
         args += ["--set", setting]
     return args + list(extra)

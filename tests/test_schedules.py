@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_tap import schedules
+from keras_tap.training import schedules
 
 STEPS = [0, 1, 7, 25, 50, 99, 100, 101, 250]
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keras_tap import cli, runs
+from keras_tap.runs import cli
+from keras_tap.runs import rundir as runs
 
 pytest.importorskip("matplotlib")
 

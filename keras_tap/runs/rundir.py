@@ -29,8 +29,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_tap import config as config_lib
-from keras_tap.keypaths import ConfigError, key_path, show
+from keras_tap.runs import config as config_lib
+from keras_tap.runs.keypaths import ConfigError, key_path, show
 
 CONFIG = "config.yaml"
 MODEL = "model.keras"
@@ -268,7 +268,7 @@ def write_plots(run_dir, out_dir=None, *, optional=True):
     Returns:
         `{"history_png": path, ...}` for the files written.
     """
-    from keras_tap import plot
+    from keras_tap.inspect import plot
 
     if optional and importlib.util.find_spec("matplotlib") is None:
         return {}
@@ -306,7 +306,7 @@ def write_feature_maps(
         `{"features_<file name>_png": path}` for the files written, in the
         order of the taps.
     """
-    from keras_tap import plot
+    from keras_tap.inspect import plot
 
     if optional and importlib.util.find_spec("matplotlib") is None:
         return {}

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_tap import graph
+from keras_tap.taps import graph
 
 REDUCTIONS = ("mean", "max")
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import keras
 
-from keras_tap.config_checks import (
+from keras_tap.runs.checks import (
     KERAS_FORM,
     check_keys,
     expected,
@@ -36,7 +36,7 @@ from keras_tap.config_checks import (
     path,
     with_module,
 )
-from keras_tap.keypaths import (
+from keras_tap.runs.keypaths import (
     SOURCE_KEYS,
     ConfigError,
     hint,

@@ -13,7 +13,7 @@ import re
 
 import keras
 
-from keras_tap import graph
+from keras_tap.taps import graph
 
 PATTERN_PREFIX = "re:"
 

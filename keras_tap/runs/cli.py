@@ -27,8 +27,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from keras_tap import config as config_lib
-from keras_tap.config import ConfigError
+from keras_tap.runs import config as config_lib
+from keras_tap.runs.config import ConfigError
 
 _CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -139,7 +139,7 @@ def _parser():
 
 
 def _train(args):
-    from keras_tap import training
+    from keras_tap.runs import train as training
 
     cfg = config_lib.load(args.config, args.overrides)
     run = training.train(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -174,7 +174,8 @@ def _train(args):
 def _validate(args):
     import numpy as np
 
-    from keras_tap import data, training
+    from keras_tap.runs import data
+    from keras_tap.runs import train as training
 
     cfg = config_lib.load(args.config, args.overrides)
     tap_model = training.build(cfg)
@@ -258,7 +259,8 @@ def _extract(args):
 
 
 def _plot(args):
-    from keras_tap import plot, runs
+    from keras_tap.inspect import plot
+    from keras_tap.runs import rundir as runs
 
     if args.features is None:
         if args.run_dir is None:
@@ -309,7 +311,9 @@ def _load_model(spec, *, base_only=False):
     """
     import keras
 
-    from keras_tap import runs, sources, training
+    from keras_tap.runs import rundir as runs
+    from keras_tap.runs import sources
+    from keras_tap.runs import train as training
 
     path = Path(spec)
     if path.is_dir() and (path / runs.MODEL).is_file():
@@ -344,7 +348,8 @@ def _load_model(spec, *, base_only=False):
 def _model_and_inputs(args):
     """The `TapModel` to extract from and the input array."""
     import keras_tap as kt
-    from keras_tap import data, runs
+    from keras_tap.runs import data
+    from keras_tap.runs import rundir as runs
 
     model = _load_model(args.model)
     source = Path(args.model)

@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from keras_tap import config_checks as checks
-from keras_tap import keypaths
-from keras_tap.config_checks import field
-from keras_tap.keypaths import SOURCE_KEYS, ConfigError, key_path
+from keras_tap.runs import checks
+from keras_tap.runs import keypaths
+from keras_tap.runs.checks import field
+from keras_tap.runs.keypaths import SOURCE_KEYS, ConfigError, key_path
 
 DATASETS = ("sklearn_digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
 SOURCES = SOURCE_KEYS["data"]

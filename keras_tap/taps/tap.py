@@ -4,9 +4,9 @@ import math
 
 import keras
 
-from keras_tap import losses as tap_losses
-from keras_tap import regularizers as tap_regularizers
-from keras_tap import schedules
+from keras_tap.training import losses as tap_losses
+from keras_tap.training import regularizers as tap_regularizers
+from keras_tap.training import schedules
 
 TARGETS = ("data", "predictions")
 

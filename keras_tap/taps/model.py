@@ -3,10 +3,11 @@
 import keras
 from keras import ops
 
-from keras_tap import graph, paths, trainers
-from keras_tap.statistics import StatisticsMixin
-from keras_tap.tap import Tap, normalize_taps
-from keras_tap.training_utils import (
+from keras_tap.inspect.statistics import StatisticsMixin
+from keras_tap.taps import graph, paths
+from keras_tap.taps.tap import Tap, normalize_taps
+from keras_tap.training import trainers
+from keras_tap.training.step import (
     TargetsMixin,
     check_teacher_shape,
     jit_compiled,
@@ -450,7 +451,7 @@ class TapModel(StatisticsMixin, TargetsMixin, keras.Model):
         Returns:
             `{tap_name: np.ndarray}`, or the path written when `to` is set.
         """
-        from keras_tap import extract as extract_lib
+        from keras_tap.taps import extract as extract_lib
 
         return extract_lib.extract(
             self,

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import keras
 
-from keras_tap import config as config_lib
-from keras_tap import data as data_lib
-from keras_tap import runs
-from keras_tap.config import ConfigError, key_path
-from keras_tap.runs import (
+from keras_tap.runs import config as config_lib
+from keras_tap.runs import data as data_lib
+from keras_tap.runs import rundir as runs
+from keras_tap.runs.config import ConfigError, key_path
+from keras_tap.runs.rundir import (
     BASE,
     CHECKPOINTS,
     CONFIG,
@@ -31,7 +31,7 @@ from keras_tap.runs import (
     write_feature_maps,
     write_plots,
 )
-from keras_tap.sources import (
+from keras_tap.runs.sources import (
     build_model,
     deserialize_layer,
     import_builder,

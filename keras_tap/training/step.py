@@ -12,8 +12,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_tap import regularizers as tap_regularizers
-from keras_tap import trainers
+from keras_tap.training import regularizers as tap_regularizers
+from keras_tap.training import trainers
 
 PREDICTIONS = "predictions"
 _SCALED_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")

@@ -5,8 +5,8 @@ import difflib
 
 import keras
 
-from keras_tap import statistics
-from keras_tap.statistics import TapStatisticsMetric
+from keras_tap.inspect import statistics
+from keras_tap.inspect.statistics import TapStatisticsMetric
 
 
 @keras.saving.register_keras_serializable(package="keras_tap")

@@ -28,8 +28,9 @@ from typing import Any
 
 import yaml
 
-from keras_tap import data, sources
-from keras_tap.config_checks import (
+from keras_tap.runs import data
+from keras_tap.runs import sources
+from keras_tap.runs.checks import (
     KERAS_FORM,
     KERAS_MODULES,
     boolean,
@@ -47,7 +48,7 @@ from keras_tap.config_checks import (
     text,
     with_module,
 )
-from keras_tap.keypaths import (
+from keras_tap.runs.keypaths import (
     ConfigError,
     apply_override,
     hint,
@@ -55,7 +56,7 @@ from keras_tap.keypaths import (
     message_of,
     parse_key_path,
 )
-from keras_tap.sources import MODEL_SOURCES, ModelConfig
+from keras_tap.runs.sources import MODEL_SOURCES, ModelConfig
 
 __all__ = [
     "CallbackConfig",

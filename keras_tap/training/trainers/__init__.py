@@ -13,7 +13,7 @@ def get():
     """The trainer module of the active Keras backend."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        from keras_tap.trainers import tensorflow
+        from keras_tap.training.trainers import tensorflow
 
         return tensorflow
     raise NotImplementedError(

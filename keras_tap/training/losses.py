@@ -13,7 +13,7 @@ import difflib
 import keras
 from keras import ops
 
-from keras_tap.validation import as_float32, check_number, from_name
+from keras_tap.training.arguments import as_float32, check_number, from_name
 
 __all__ = [
     "AttentionTransfer",

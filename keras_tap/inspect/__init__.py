@@ -1,0 +1,1 @@
+"""Seeing inside: in-step statistics, callbacks and plots."""
