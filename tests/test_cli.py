@@ -1,9 +1,6 @@
 """The `keras-tap` command: examples, bad input, subcommands."""
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -199,253 +196,6 @@ def test_set_on_a_quoted_tap_name(tmp_path, capsys):
     )
 
 
-# ------------------------------------------------------------- bad input
-
-
-def broken(**changes):
-    """The digits config with `changes` ({dotted key: value}; None deletes)."""
-    raw = yaml.safe_load(DIGITS.read_text())
-    for dotted, value in changes.items():
-        *parents, last = dotted.split("|")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        if value is None:
-            node.pop(last, None)
-        else:
-            node[last] = value
-    return raw
-
-
-CONV = {"class_name": "Conv2D", "config": {"filters": 2, "kernel_size": 3}}
-SMALL_INPUT = [
-    {"class_name": "InputLayer", "config": {"shape": [28, 28, 1]}},
-    {"class_name": "Conv2D", "config": {**CONV["config"], "name": "conv2"}},
-    {"class_name": "MaxPooling2D", "config": {"name": "pool"}},
-]
-EARLY = "taps|early_head|"
-BROKEN = {
-    "unknown section": (
-        broken(modle={}),
-        "modle: unknown key; did you mean 'model'?",
-    ),
-    "unknown fit key": (
-        broken(**{"fit|epoch": 3}),
-        "fit.epoch: unknown key; did you mean 'epochs'?",
-    ),
-    "negative tap weight": (
-        broken(**{"taps|sparse_conv2|weight": -1}),
-        "taps.sparse_conv2.weight: expected a non-negative number or a "
-        "schedule, got -1",
-    ),
-    "weight of a wrong type": (
-        broken(**{EARLY + "weight": [1]}),
-        "taps.early_head.weight: expected a non-negative number or a schedule",
-    ),
-    "unknown optimizer": (
-        broken(**{"compile|optimizer": "adamm"}),
-        "compile.optimizer: unknown optimizer 'adamm'; did you mean 'adam'?",
-    ),
-    "unknown loss": (
-        broken(**{"compile|loss": "sparse_categorical_crossentropyy"}),
-        "compile.loss: Unknown loss: 'sparse_categorical_crossentropyy'",
-    ),
-    "unknown metric": (
-        broken(**{"compile|metrics": ["acuracy"]}),
-        "compile.metrics[0]: unknown metric 'acuracy'",
-    ),
-    "unknown regularizer": (
-        broken(**{"taps|sparse_conv2|regularizer": "activity_l3"}),
-        "taps.sparse_conv2.regularizer: Unknown regularizer: 'activity_l3'",
-    ),
-    "unknown schedule": (
-        broken(**{EARLY + "weight": {"class_name": "CosineDecayy"}}),
-        "taps.early_head.weight: unknown schedule 'CosineDecayy'; did you "
-        "mean 'CosineDecay'?",
-    ),
-    "unknown tap key": (
-        broken(**{EARLY + "adaptor": {}}),
-        "taps.early_head.adaptor: unknown key; did you mean 'adapter'?",
-    ),
-    "bad tap target": (
-        broken(**{EARLY + "target": "labels"}),
-        "taps.early_head.target: expected one of 'data', 'predictions'",
-    ),
-    "tap target missing in data": (
-        broken(**{EARLY + "target": None}),
-        "taps.early_head.target: the tap's loss needs y['early_head']",
-    ),
-    "teacher layer without teacher": (
-        broken(**{EARLY + "teacher": "conv2", EARLY + "target": None}),
-        "taps.early_head.teacher: names a teacher layer, but the config has "
-        "no teacher",
-    ),
-    "unknown layer path": (
-        broken(**{"taps|sparse_conv2|layer": "conv9"}),
-        "taps.sparse_conv2.layer: Tap 'conv9' in model 'digits_cnn': no "
-        "layer is named 'conv9'",
-    ),
-    "unknown layer class": (
-        broken(**{"model|config|layers": [{**CONV, "class_name": "Conv2DD"}]}),
-        "model.config.layers[0].class_name: unknown layer class 'Conv2DD'; "
-        "did you mean 'Conv2D'?",
-    ),
-    "bad layer argument": (
-        broken(**{"model|config|layers": [{**CONV, "config": {"filterz": 2}}]}),
-        "model.config.layers[0].config.filterz: unknown argument of Conv2D; "
-        "did you mean 'filters'?",
-    ),
-    "missing model": (
-        broken(model=None),
-        "model: expected one of application, file, builder",
-    ),
-    "missing model file": (
-        broken(model={"file": "missing.keras"}),
-        "model.file: no such file: ",
-    ),
-    "unknown application": (
-        broken(model={"application": {"name": "MobileNetV5"}}),
-        "model.application.name: unknown keras.applications model "
-        "'MobileNetV5'; did you mean 'MobileNetV2'?",
-    ),
-    "unknown application argument": (
-        broken(model={"application": {"name": "MobileNetV2", "alpah": 0.35}}),
-        "model.application.alpah: unknown key; did you mean 'alpha'?",
-    ),
-    "bad builder": (
-        broken(model={"builder": "no_such_module:build"}),
-        "model.builder: cannot import 'no_such_module'",
-    ),
-    "builder without colon": (
-        broken(model={"builder": "build"}),
-        "model.builder: expected 'module:function', got 'build'",
-    ),
-    "missing npz": (
-        broken(data={"npz": "missing.npz"}),
-        "data.npz: no such file: ",
-    ),
-    "batch size as a string": (
-        broken(**{"data|batch_size": "32"}),
-        "data.batch_size: expected an integer >= 1, got '32'",
-    ),
-    "validation split of 1.5": (
-        broken(**{"data|validation_split": 1.5}),
-        "data.validation_split: expected a number in [0, 1), got 1.5",
-    ),
-    "unknown dataset": (
-        broken(**{"data|dataset": "mnistt"}),
-        "data.dataset: unknown dataset 'mnistt'; did you mean 'mnist'?",
-    ),
-    "targets of an unknown tap": (
-        broken(**{"data|targets": {"erly_head": "y"}}),
-        "data.targets.erly_head: no tap named 'erly_head'",
-    ),
-    "unknown callback": (
-        broken(callbacks=[{"class_name": "EarlyStoping"}]),
-        "callbacks[0].class_name: unknown callback 'EarlyStoping'; did you "
-        "mean 'EarlyStopping'?",
-    ),
-    "unknown callback argument": (
-        broken(
-            callbacks=[
-                {"class_name": "EarlyStopping", "config": {"patiense": 2}}
-            ]
-        ),  # fmt: skip
-        "callbacks[0].config.patiense: unknown key; did you mean 'patience'?",
-    ),
-    "negative seed": (
-        broken(**{"run|seed": -1}),
-        "run.seed: expected an integer >= 0, got -1",
-    ),
-    "zero steps": (
-        broken(**{"fit|steps_per_epoch": 0}),
-        "fit.steps_per_epoch: expected an integer >= 1, got 0",
-    ),
-    "input shape mismatch": (
-        broken(**{"model|config|layers": SMALL_INPUT}),
-        "data: the inputs have shape (8, 8, 1), but the model expects "
-        "(28, 28, 1)",
-    ),
-}
-
-
-@pytest.mark.parametrize("case", list(BROKEN))
-def test_broken_config_exits_2_with_the_key_path(case, tmp_path, capsys):
-    raw, message = BROKEN[case]
-    path = tmp_path / "broken.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    code, out, err = run_cli("validate", path, capsys=capsys)
-    assert code == 2
-    assert err.startswith(f"keras-tap: error: {message}"), err
-    assert err.count("\n") == 1 and "Traceback" not in err
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (
-            ["train", DIGITS, "--set", "foo"],
-            "--set: expected key.path=value, got 'foo' (no '=')",
-        ),
-        (
-            ["train", DIGITS, "--set", "taps[.x=1"],
-            "--set: cannot parse the key path 'taps[.x'",
-        ),
-        (
-            ["train", DIGITS, "--set", "fit.epochs=[3"],
-            "fit.epochs: cannot parse the --set value",
-        ),
-        (["train", "missing.yaml"], "config: no such file: 'missing.yaml'"),
-        (
-            ["validate", DIGITS, "--set", "data.dataset=cifar10"],
-            "data.dataset: cifar10 is not in the Keras cache",
-        ),
-        (
-            ["train", DIGITS, "--resume", "--overwrite"],
-            "argument --overwrite: not allowed with argument --resume",
-        ),
-        (["trian", DIGITS], "argument COMMAND: invalid choice: 'trian'"),
-        (["layers", "model.h5"], "MODEL_OR_CONFIG: expected a .keras file"),
-        (["plot"], "RUN_DIR: give a run directory, or --features MODEL"),
-    ],
-)
-def test_bad_command_lines_exit_2(args, message, capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
-    code, _, err = run_cli(*args, capsys=capsys)
-    assert code == 2
-    assert err.startswith(f"keras-tap: error: {message}"), err
-    assert err.count("\n") == 1
-
-
-def test_yaml_syntax_error(tmp_path, capsys):
-    path = tmp_path / "bad.yaml"
-    path.write_text("model: [unclosed\n")
-    code, _, err = run_cli("validate", path, capsys=capsys)
-    assert code == 2 and err.startswith("keras-tap: error: config: ")
-    assert "is not valid YAML" in err and err.count("\n") == 1
-
-
-def test_a_real_process_exits_2_with_one_line(tmp_path):
-    path = tmp_path / "broken.yaml"
-    path.write_text(yaml.safe_dump(broken(**{"taps|sparse_conv2|weight": -1})))
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run(
-        [sys.executable, "-m", "keras_tap.runs.cli", "train", str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        "keras-tap: error: taps.sparse_conv2.weight: expected a non-negative "
-        "number or a schedule, got -1"
-    )
-    assert not (tmp_path / "runs").exists()
-
-
 # ---------------------------------------------------------- subcommands
 
 
@@ -476,7 +226,7 @@ def test_extract_writes_an_npz(trained, tmp_path, capsys):
     out = tmp_path / "feats.npz"
     code, text, err = run_cli(
         "extract", trained, "--data", "sklearn_digits", "--taps",
-        "sparse_conv2", "conv3", "--reduce", "mean", "--out", out,
+        "sparse_conv2,conv3", "--reduce", "mean", "--out", out,
         capsys=capsys,
     )  # fmt: skip
     assert (code, err) == (0, "")
@@ -496,6 +246,28 @@ def test_extract_writes_an_npz(trained, tmp_path, capsys):
         "--out", out, capsys=capsys,
     )  # fmt: skip
     assert code == 2 and err.startswith("keras-tap: error: --taps: ")
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        ["RUN", "--taps", "sparse_conv2", "--taps", "conv3", "--out", "OUT"],
+        ["--taps", "sparse_conv2", "RUN", "--taps", "conv3", "--out", "OUT"],
+        ["--taps", "sparse_conv2,conv3", "--out", "OUT", "RUN"],
+    ],
+    ids=["positional-first", "positional-between", "positional-last"],
+)
+def test_extract_arguments_in_any_order(trained, tmp_path, capsys, order):
+    out = tmp_path / "feats.npz"
+    args = [
+        {"RUN": trained, "OUT": out}.get(arg, arg) for arg in order
+    ]
+    code, _, err = run_cli("extract", *args, "--data", "sklearn_digits",
+                           "--reduce", "max", capsys=capsys)  # fmt: skip
+    assert (code, err) == (0, "")
+    with np.load(out) as feats:
+        assert list(feats.files) == ["sparse_conv2", "conv3"]
+        assert feats["conv3"].shape == (1797, 64)
 
 
 def test_extract_from_a_run_directory_uses_its_data(
@@ -535,7 +307,8 @@ def test_plot_a_run_directory(trained, tmp_path, capsys):
 def test_plot_feature_maps(trained, tmp_path, capsys):
     code, out, err = run_cli(
         "plot", "--features", trained, "--data", "sklearn_digits",
-        "--taps", "sparse_conv2", "gap", "--sample", "3", "--out", tmp_path,
+        "--taps", "sparse_conv2", "--taps", "gap", "--sample", "3",
+        "--out", tmp_path,
         capsys=capsys,
     )  # fmt: skip
     assert (code, err) == (0, "")
@@ -554,3 +327,66 @@ def test_extract_from_a_config_without_a_run(tmp_path, capsys, monkeypatch):
     with np.load(tmp_path / "feats.npz") as feats:
         assert list(feats.files) == ["conv2"]
         assert feats["conv2"].shape == (1797, 32)
+
+
+def readme_commands():
+    """The `keras-tap` lines of the README, in the order written: the main
+    job first, then the command-line block."""
+    import shlex
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for line in readme.splitlines():
+        if "keras-tap train" in line and line.startswith("pip install"):
+            line = line.split("&&", 1)[1]
+        line = line.strip()
+        if line.startswith("keras-tap "):
+            commands.append(shlex.split(line, comments=True)[1:])
+    return commands
+
+
+def test_readme_commands_run_in_the_order_written(
+    tmp_path, capsys, monkeypatch
+):
+    commands = readme_commands()
+    assert [args[0] for args in commands] == [
+        "train", "validate", "train", "train", "layers", "extract", "plot",
+    ]  # fmt: skip
+    configs = tmp_path / "examples" / "configs"
+    configs.mkdir(parents=True)
+    shutil.copy(DIGITS, configs / DIGITS.name)
+    monkeypatch.chdir(tmp_path)
+    for args in commands:
+        if args[0] in ("train", "validate"):  # short, before the README's --set
+            quick = sets(*TINY, "data.limit=128", "run.plots=false")
+            args = args[:2] + quick + args[2:]
+        code, out, err = run_cli(*args, capsys=capsys)
+        assert (code, err) == (0, ""), (args, err)
+    assert (tmp_path / "runs" / "digits" / "model.keras").is_file()
+    variant = tmp_path / "runs" / "digits-5" / "history.json"
+    history = yaml.safe_load(variant.read_text())
+    assert history["epoch"] == [0, 1, 2, 3, 4]
+    with np.load(tmp_path / "feats.npz") as feats:
+        assert feats["conv2"].shape == (1797, 32)  # all of the data
+    assert (tmp_path / "runs" / "digits" / "history.png").is_file()  # plot
+
+
+def test_a_second_run_is_refused_with_a_free_directory_named(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "digits-2").mkdir(parents=True)
+    args = ["train", DIGITS, *sets(*TINY, "run.plots=false")]
+    assert run_cli(*args, capsys=capsys)[0] == 0
+    code, _, err = run_cli(*args, capsys=capsys)
+    assert code == 2
+    assert err == (
+        f"keras-tap: error: run.dir: {str(tmp_path / 'runs' / 'digits')!r} "
+        "already holds a run; continue it with --resume, replace it with "
+        "--overwrite, or train in another directory with "
+        "--set run.dir=runs/digits-3\n"
+    )
+    code, _, err = run_cli(*args, "--set", "run.dir=runs/digits-3",
+                           capsys=capsys)  # fmt: skip
+    assert (code, err) == (0, "")
+    assert (tmp_path / "runs" / "digits-3" / "model.keras").is_file()

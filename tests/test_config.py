@@ -93,6 +93,48 @@ def test_defaults_and_run_dir_from_the_config_name(tmp_path, monkeypatch):
     assert cfg.fit.epochs == 10 and cfg.fit.steps_per_epoch is None
 
 
+def test_relative_paths_resolve_where_they_are_written(tmp_path, monkeypatch):
+    """A path in the config file is relative to the file's directory; a path
+    given with --set (overrides) is relative to the current directory, as
+    is the default run directory."""
+    folder, cwd = tmp_path / "configs", tmp_path / "work"
+    for directory in (folder / "data", cwd / "data"):
+        directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for directory in (folder / "data", cwd / "data"):
+        np.save(directory / "x.npy", rng.random((8, 8, 8, 1), "float32"))
+        np.save(directory / "y.npy", rng.integers(0, 10, 8))
+    path = folder / "job.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            tiny_mlp(
+                data={"npy": "data/x.npy", "y": "data/y.npy"},
+                run={"dir": "out/in_file"},
+            )
+        )
+    )
+    monkeypatch.chdir(cwd)
+    cfg = config.load(path)
+    assert cfg.run.dir == str(folder / "out" / "in_file")
+    assert cfg.data.value == str(folder / "data" / "x.npy")
+    assert cfg.data.y == str(folder / "data" / "y.npy")
+    cfg = config.load(path, ["run.dir=out/set", "data.npy=data/x.npy"])
+    assert cfg.run.dir == str(cwd / "out" / "set")
+    assert cfg.data.value == str(cwd / "data" / "x.npy")
+    assert cfg.data.y == str(folder / "data" / "y.npy")  # from the file
+    cfg = config.load(path, ["run={dir: out/section}", "data.y=data/y.npy"])
+    assert cfg.run.dir == str(cwd / "out" / "section")
+    assert cfg.data.y == str(cwd / "data" / "y.npy")
+    raw = tiny_mlp()
+    raw.pop("run", None)
+    path.write_text(yaml.safe_dump(raw))
+    assert config.load(path).run.dir == str(cwd / "runs" / "job")
+    # An npz source's y and targets name arrays, not files.
+    np.savez(cwd / "d.npz", x=np.zeros((8, 8, 8, 1)), labels=np.zeros(8))
+    cfg = config.load(path, ["data.npz=d.npz", "data.y=labels"])
+    assert cfg.data.value == str(cwd / "d.npz") and cfg.data.y == "labels"
+
+
 def test_resolved_dict_loads_back_equal(tmp_path):
     cfg = config.load(DIGITS, [f"run.dir={tmp_path}"])
     again = config.load(yaml.safe_load(cfg.to_yaml()))
@@ -296,84 +338,6 @@ def test_config_round_trip_rebuilds_the_same_model(tmp_path):
             )
     base = keras.saving.load_model(run.files["base"])
     np.testing.assert_allclose(base.predict(x, verbose=0), expected, atol=1e-6)
-
-
-# ------------------------------------------------------------- model sources
-
-
-def test_model_from_a_file_a_builder_and_an_application(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))  # restored after the test
-    base = training.build(config.load(tiny_mlp())).base
-    base.save(tmp_path / "mlp.keras")
-    (tmp_path / "my_models.py").write_text(
-        "import keras\n\n\n"
-        "def build(units=4):\n"
-        "    inputs = keras.Input((8, 8, 1))\n"
-        "    x = keras.layers.Flatten(name='flat')(inputs)\n"
-        "    x = keras.layers.Dense(units, name='hidden')(x)\n"
-        "    return keras.Model(inputs, keras.layers.Dense(10)(x))\n"
-    )
-    sources = {
-        "file": {"file": "mlp.keras"},
-        "builder": {"builder": "my_models:build", "kwargs": {"units": 6}},
-    }
-    for kind, model in sources.items():
-        path = tmp_path / f"{kind}.yaml"
-        path.write_text(yaml.safe_dump(tiny_mlp(model=model)))
-        cfg = config.load(path)
-        assert cfg.model.kind == kind
-        tap_model = training.build(cfg)
-        assert tap_model.tap_shapes()["a/b"] == (
-            None,
-            6 if kind == "builder" else 8,
-        )
-    assert cfg.model.python_path == (str(tmp_path),)
-    app = {
-        "application": {
-            "name": "MobileNetV2",
-            "weights": None,
-            "input_shape": [32, 32, 3],
-            "alpha": 0.35,
-        }
-    }
-    cfg = config.load(tiny_mlp(model=app, taps=["block_1_expand_relu"]))
-    model = training.build_model(cfg.model, "model")
-    assert model.name.startswith("mobilenetv2") and model.input_shape[1:] == (
-        32, 32, 3
-    )  # fmt: skip
-
-
-def test_builder_errors_name_the_key(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "few_models.py").write_text("def build():\n    return 3\n")
-    for spec, match in [
-        ("few_models:biuld", "has no function 'biuld'; did you mean 'build'"),
-        ("few_models:build", "returned int, not a keras.Model"),
-    ]:
-        cfg = config.load(tiny_mlp(model={"builder": spec}), base_dir=tmp_path)
-        with pytest.raises(ConfigError, match=f"^model.builder: .*{match}"):
-            training.build(cfg)
-
-
-def test_teacher_section_gives_tap_targets():
-    teacher = tiny_mlp()["model"]
-    teacher["config"]["name"] = "teacher"
-    cfg = config.load(
-        tiny_mlp(
-            teacher=teacher,
-            taps={"hint": {"layer": "hidden", "teacher": "hidden",
-                           "loss": "feature_mse"}},
-        )
-    )  # fmt: skip
-    assert cfg.teacher.kind == "keras" and cfg.taps["hint"].teacher == "hidden"
-    tap_model = training.build(cfg)
-    assert tap_model.teacher.name == "teacher"
-    bad = config.load(
-        tiny_mlp(teacher=teacher, taps={"hint": {"layer": "hidden",
-                 "teacher": "hiddn", "loss": "feature_mse"}})
-    )  # fmt: skip
-    with pytest.raises(ConfigError, match=r"^taps\.hint\.teacher: .*hiddn"):
-        training.build(bad)
 
 
 # -------------------------------------------------------------- data sources

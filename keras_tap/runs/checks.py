@@ -16,7 +16,13 @@ from pathlib import Path
 
 import keras
 
-from keras_tap.runs.keypaths import ConfigError, hint, key_path, message_of, show
+from keras_tap.runs.keypaths import (
+    ConfigError,
+    hint,
+    key_path,
+    message_of,
+    show,
+)
 
 KERAS_FORM = ("class_name", "config", "module", "registered_name")
 
@@ -198,9 +204,7 @@ def resolve(kind, value, where):
     `kt.regularizers`, `kt.schedules`), `"metric"` or `"optimizer"`; a short
     dict without `module` is looked up in the matching `keras` module.
     """
-    from keras_tap.training import losses
-    from keras_tap.training import regularizers
-    from keras_tap.training import schedules
+    from keras_tap.training import losses, regularizers, schedules
 
     getter = {
         "loss": losses.get,

@@ -1,36 +1,65 @@
 """The `keras-tap` command: train, validate, layers, extract and plot.
 
 ```
-keras-tap train CONFIG [--set key.path=value ...] [--resume | --overwrite]
-keras-tap validate CONFIG [--set key.path=value ...]
+keras-tap train CONFIG [--set KEY.PATH=VALUE ...] [--resume | --overwrite]
+keras-tap validate CONFIG [--set KEY.PATH=VALUE ...]
 keras-tap layers MODEL_OR_CONFIG
-keras-tap extract MODEL_OR_CONFIG [--data DATA] --taps T [T ...]
-                  [--reduce mean|max] --out feats.npz
+keras-tap extract MODEL_OR_CONFIG --taps TAP[,TAP...] --out FEATS.npz
+                  [--data DATA] [--reduce mean|max]
 keras-tap plot RUN_DIR [--out DIR]
-keras-tap plot --features MODEL_OR_CONFIG [--data DATA] --taps T [T ...]
-               [--sample 0] --out DIR
+keras-tap plot --features MODEL_OR_CONFIG --taps TAP[,TAP...] --out DIR
+               [--data DATA] [--sample N]
+keras-tap --help | --version
 ```
 
-`MODEL_OR_CONFIG` is a `.keras` file (loaded in safe mode), a run
-directory (its `model.keras`) or a config (the trained model of its run
-directory when there is one, else the model it builds). `DATA` is a dataset
-name (`sklearn_digits`, `mnist`, ...), a `.npz` file (array `--x-key`), a
-`.npy` file or an image directory; it defaults to the data of the config,
-or of a run directory's config.
+This module is the front door: it parses the command line without
+importing Keras or a backend, so that `--help`, `--version`, a bare
+`keras-tap` and argument errors answer at once. A command then imports
+Keras, with the backend's start-up lines on stderr hidden unless
+`--verbose` is given, and runs from `keras_tap.runs.commands`.
 
 Bad input prints one line, `keras-tap: error: <key path>: <message>`, to
-stderr and exits with status 2. This is the only module of keras_tap that
-prints.
+stderr and exits with status 2.
 """
 
 import argparse
+import contextlib
+import os
 import sys
-from pathlib import Path
+import tempfile
 
-from keras_tap.runs import config as config_lib
-from keras_tap.runs.config import ConfigError
+from keras_tap.runs.keypaths import ConfigError
+from keras_tap.version import __version__
 
-_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+_DESCRIPTION = """\
+Train, inspect and probe tapped Keras models from config files.
+
+A config (YAML or JSON, see docs/config.md) names a model, its taps (the
+intermediate layers to train on or look at), the data and the training.
+"""
+
+_EXAMPLES = """\
+examples:
+  keras-tap validate examples/configs/digits.yaml
+  keras-tap train examples/configs/digits.yaml
+  keras-tap layers examples/configs/digits.yaml
+  keras-tap extract runs/digits --taps conv2 --reduce mean --out feats.npz
+  keras-tap plot runs/digits
+
+Run `keras-tap COMMAND --help` for the options of a command.
+"""
+
+_MODEL_OR_CONFIG = (
+    "a .keras file, a run directory (its model.keras) or a config (the "
+    "trained model of its run directory, else the model it builds)"
+)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of descriptions and examples."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,11 +73,33 @@ def _fail(message):
 
 
 def main(argv=None):
-    """Runs the `keras-tap` command; returns 0, or exits with status 2 on
-    bad input after printing one line to stderr."""
-    args = _parser().parse_args(argv)
+    """Runs the `keras-tap` command line.
+
+    Args:
+        argv: the arguments, without the program name; defaults to
+            `sys.argv[1:]`.
+
+    Returns:
+        0 when the command succeeded. Bad input exits with status 2 after
+        printing one line to stderr; an interrupt exits with status 130.
+
+    Example:
+
+    ```python
+    from keras_tap.runs import cli
+    cli.main(["validate", "examples/configs/digits.yaml"])
+    ```
+    """
+    parser = parser_of_commands()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
-        args.command(args)
+        import_keras(verbose=args.verbose)
+        from keras_tap.runs import commands
+
+        getattr(commands, args.command)(args)
     except ConfigError as error:
         _fail(str(error))
     except ImportError as error:
@@ -59,324 +110,272 @@ def main(argv=None):
     return 0
 
 
-def _parser():
+# ------------------------------------------------------------ the backend
+
+
+def import_keras(verbose=False):
+    """Imports Keras and its backend, hiding the backend's start-up lines.
+
+    TensorFlow writes lines such as `oneDNN custom operations are on`,
+    `Could not find cuda drivers` and `failed call to cuInit` to the
+    process's stderr from C++ while it is imported and while it first
+    looks for devices, before its log level applies. Unless `verbose`,
+    stderr (file descriptor 2) is sent to a temporary file for that time
+    and `TF_CPP_MIN_LOG_LEVEL` defaults to `3`, which also hides the C++
+    log lines of training (such as tf.data's `NodeDef mentions attribute
+    use_unbounded_threadpool`); set it yourself to choose another level.
+    Python warnings and errors still show. When the import fails, the
+    hidden lines are written out before the error.
+
+    This changes the environment of the process, so only the command line
+    calls it; `import keras_tap` changes nothing. It does nothing when
+    Keras is already imported.
+
+    Args:
+        verbose: import Keras as it is, with every start-up line.
+    """
+    if verbose or "keras" in sys.modules:
+        import keras  # noqa: F401
+
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with _stderr_hidden() as hidden:
+        try:
+            import keras
+
+            if keras.backend.backend() == "tensorflow":
+                import tensorflow as tf
+
+                tf.config.list_physical_devices()
+        except BaseException:
+            hidden.replay = True
+            raise
+
+
+class _Hidden:
+    replay = False
+
+
+@contextlib.contextmanager
+def _stderr_hidden():
+    """Sends file descriptor 2 to a temporary file, and restores it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    hidden = _Hidden()
+    with tempfile.TemporaryFile() as file:
+        os.dup2(file.fileno(), 2)
+        try:
+            yield hidden
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if hidden.replay:
+                file.seek(0)
+                sys.stderr.write(file.read().decode(errors="replace"))
+                sys.stderr.flush()
+
+
+# ------------------------------------------------------------- the parser
+
+
+def parser_of_commands():
+    """The `argparse` parser of `keras-tap`; building it imports nothing
+    beyond the standard library."""
     parser = _Parser(
         prog="keras-tap",
-        description="Train, inspect and probe tapped Keras models.",
+        description=_DESCRIPTION,
+        epilog=_EXAMPLES,
+        formatter_class=_Formatter,
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"keras-tap {__version__}",
+        help="print the version and exit",
+    )
+    parser.set_defaults(command=None, verbose=False)
     commands = parser.add_subparsers(
-        title="commands", metavar="COMMAND", required=True, parser_class=_Parser
+        title="commands", metavar="COMMAND", parser_class=_Parser
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the backend's start-up log lines on stderr (hidden by "
+        "default)",
     )
 
-    def command(name, function, help):
-        sub = commands.add_parser(name, help=help, description=help)
-        sub.set_defaults(command=function)
+    def command(name, help, examples):
+        sub = commands.add_parser(
+            name,
+            help=help,
+            description=help[0].upper() + help[1:] + ".",
+            epilog="examples:\n" + examples,
+            formatter_class=_Formatter,
+            parents=[common],
+        )
+        sub.set_defaults(command=name)
         return sub
 
-    def overrides(sub):
+    def config_argument(sub):
+        sub.add_argument(
+            "config",
+            metavar="CONFIG",
+            help="a YAML or JSON config (see docs/config.md), e.g. "
+            "examples/configs/digits.yaml",
+        )
         sub.add_argument(
             "--set",
             dest="overrides",
             action="append",
             default=[],
             metavar="KEY.PATH=VALUE",
-            help="override a config value (YAML), e.g. fit.epochs=5 or "
-            "'taps[\"a/b\"].weight=0.5'; repeatable",
+            help="override a config value, parsed as YAML; repeatable, "
+            "applied in order; relative paths are relative to the "
+            "current directory; e.g. --set fit.epochs=5 or --set "
+            "'taps[\"a/b\"].weight=0.5'",
         )
 
-    def data_options(sub):
-        sub.add_argument(
-            "--data",
-            help="a dataset name, .npz/.npy file or image directory "
-            "(default: the config's data)",
-        )
-        sub.add_argument(
-            "--x-key", default="x", help="the inputs' array in an npz"
-        )
-        sub.add_argument(
-            "--taps", nargs="+", metavar="TAP", help="tap names or layer paths"
-        )
-        sub.add_argument("--batch-size", type=int, default=32)
-
-    sub = command("train", _train, "train a config and write its run directory")
-    sub.add_argument("config", metavar="CONFIG")
-    overrides(sub)
+    sub = command(
+        "train",
+        "train a config and write its run directory",
+        "  keras-tap train examples/configs/digits.yaml\n"
+        "  keras-tap train examples/configs/digits.yaml --set fit.epochs=5 "
+        "--set run.dir=runs/digits-5\n"
+        "  keras-tap train examples/configs/digits.yaml --resume\n",
+    )
+    config_argument(sub)
     group = sub.add_mutually_exclusive_group()
     group.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the last checkpoint",
+        help="continue the run in run.dir from its last checkpoint (start "
+        "it when there is none)",
     )
     group.add_argument(
-        "--overwrite", action="store_true", help="replace an earlier run"
+        "--overwrite",
+        action="store_true",
+        help="delete the run in run.dir first (a directory that holds no "
+        "keras-tap run is never deleted)",
     )
 
-    sub = command("validate", _validate, "check a config without training")
-    sub.add_argument("config", metavar="CONFIG")
-    overrides(sub)
+    sub = command(
+        "validate",
+        "check a config, its model, taps and data without training",
+        "  keras-tap validate examples/configs/digits.yaml\n"
+        "  keras-tap validate examples/configs/digits.yaml --set "
+        "data.batch_size=64\n",
+    )
+    config_argument(sub)
 
-    sub = command("layers", _layers, "list the layer paths a model can tap")
-    sub.add_argument("model", metavar="MODEL_OR_CONFIG")
+    sub = command(
+        "layers",
+        "list the layer paths a model can tap",
+        "  keras-tap layers examples/configs/digits.yaml\n"
+        "  keras-tap layers runs/digits/base.keras\n",
+    )
+    sub.add_argument("model", metavar="MODEL_OR_CONFIG", help=_MODEL_OR_CONFIG)
 
-    sub = command("extract", _extract, "write tap activations to an .npz")
-    sub.add_argument("model", metavar="MODEL_OR_CONFIG")
-    data_options(sub)
-    sub.add_argument("--reduce", choices=("mean", "max"))
-    sub.add_argument("--out", required=True, help="the .npz file to write")
-
-    sub = command("plot", _plot, "plot a run, or feature maps of taps")
-    sub.add_argument("run_dir", metavar="RUN_DIR", nargs="?")
+    sub = command(
+        "extract",
+        "write the activations of taps to an .npz file",
+        "  keras-tap extract runs/digits --taps conv2 --reduce mean "
+        "--out feats.npz\n"
+        "  keras-tap extract model.keras --data x.npy --taps conv1,conv2 "
+        "--out feats.npz\n",
+    )
+    sub.add_argument("model", metavar="MODEL_OR_CONFIG", help=_MODEL_OR_CONFIG)
+    _data_options(sub)
     sub.add_argument(
-        "--features", metavar="MODEL_OR_CONFIG", help="draw feature-map grids"
+        "--reduce",
+        choices=("mean", "max"),
+        help="pool each activation over its spatial axes (default: keep "
+        "the full activation)",
     )
-    data_options(sub)
-    sub.add_argument("--sample", type=int, default=0, help="the sample drawn")
-    sub.add_argument("--out", help="output directory (default: RUN_DIR)")
+    sub.add_argument(
+        "--out",
+        required=True,
+        metavar="FEATS.npz",
+        help="the .npz file to write, one array per tap, e.g. feats.npz",
+    )
+
+    sub = command(
+        "plot",
+        "plot a run's history, or the feature maps of taps",
+        "  keras-tap plot runs/digits\n"
+        "  keras-tap plot --features runs/digits --taps conv2 --sample 3 "
+        "--out maps/\n",
+    )
+    sub.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        nargs="?",
+        help="a run directory: draws history.png (and statistics.png), "
+        "e.g. runs/digits",
+    )
+    sub.add_argument(
+        "--features",
+        metavar="MODEL_OR_CONFIG",
+        help="draw a feature-map grid of each tap on one sample instead: "
+        + _MODEL_OR_CONFIG,
+    )
+    _data_options(sub)
+    sub.add_argument(
+        "--sample",
+        type=int,
+        default=0,
+        help="the index of the sample drawn with --features (default: "
+        "%(default)s)",
+    )
+    sub.add_argument(
+        "--out",
+        metavar="DIR",
+        help="the output directory (default: RUN_DIR; needed with "
+        "--features)",
+    )
     return parser
 
 
-# ------------------------------------------------------------------ commands
-
-
-def _train(args):
-    from keras_tap.runs import train as training
-
-    cfg = config_lib.load(args.config, args.overrides)
-    run = training.train(cfg, resume=args.resume, overwrite=args.overwrite)
-    files = {key: _rel(path) for key, path in run.files.items()}
-    if run.initial_epoch:
-        print(f"resumed after epoch {run.initial_epoch}")
-    print(f"run directory: {_rel(run.dir)}")
-    print(f"  config:  {files['config']}")
-    print(f"  model:   {files['model']} (TapModel), {files['base']} (base)")
-    print(f"  history: {files['history_csv']}, {files['history_json']}")
-    if "logs" in files:
-        print(f"  logs:    tensorboard --logdir {files['logs']}")
-    features = [p for k, p in files.items() if k.startswith("features_")]
-    plots = [
-        path
-        for key, path in files.items()
-        if key.endswith("_png") and not key.startswith("features_")
-    ]
-    if plots:
-        print(f"  plots:   {', '.join(plots)}")
-        if features:
-            print(f"  features: {', '.join(features)}")
-    elif cfg.run.plots:
-        print('  plots:   none (pip install "keras-tap[plot]")')
-    epochs = len(run.history.get("epoch", []))
-    held_out = any(key.startswith("val_") for key in run.history)
-    kind = "held-out" if held_out else "training"
-    values = [f"{k} {v:.4f}" for k, v in run.metrics.items() if v is not None]
-    print(f"{kind} metrics after {epochs} epochs: {', '.join(values)}")
-
-
-def _validate(args):
-    import numpy as np
-
-    from keras_tap.runs import data
-    from keras_tap.runs import train as training
-
-    cfg = config_lib.load(args.config, args.overrides)
-    tap_model = training.build(cfg)
-    train, validation = data.load(cfg.data, cfg.run.seed)
-    training.check_inputs(tap_model, train)
-    training.compile_model(tap_model, cfg)
-    batch = train.take(np.arange(min(len(train), cfg.data.batch_size)))
-    try:
-        tap_model.evaluate(batch.x, batch.fit_targets(), verbose=0)
-    except Exception as error:
-        message = (
-            f"the model fails on a first batch: {config_lib.message_of(error)}"
-        )
-        raise ConfigError("data", message) from None
-    base = tap_model.base
-    print(f"{args.config}: OK")
-    print(f"  model: {base.name} ({base.count_params():,} parameters)")
-    for name, shape in tap_model.tap_shapes().items():
-        layer = cfg.taps[name].layer if name in cfg.taps else name
-        print(f"  tap {name}: {layer} -> {shape}")
-    held_out = 0 if validation is None else len(validation)
-    print(
-        f"  data: {len(train)} training and {held_out} held-out samples of "
-        f"shape {train.x.shape[1:]}"
+def _data_options(sub):
+    sub.add_argument(
+        "--taps",
+        action="extend",
+        type=_tap_list,
+        metavar="TAP[,TAP...]",
+        help="tap names or layer paths, comma-separated or repeated "
+        "(--taps conv1,conv2 or --taps conv1 --taps conv2); a 're:' "
+        "pattern is taken whole (default: every tap of a TapModel)",
     )
-    print(f"  run directory: {_rel(cfg.run.dir)}")
+    sub.add_argument(
+        "--data",
+        help="a dataset name (sklearn_digits, mnist, ...), an .npz or .npy "
+        "file or an image directory (default: the data of the config, or "
+        "of the run directory's config)",
+    )
+    sub.add_argument(
+        "--x-key",
+        default="x",
+        help="the array of inputs in an .npz file (default: %(default)s)",
+    )
+    sub.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="the batch size of the forward passes (default: %(default)s)",
+    )
 
 
-def _layers(args):
-    import keras_tap as kt
-
-    model = _load_model(args.model, base_only=True)
-    rows = [("path", "class", "output shape", "params", "calls")]
-    for record in kt.list_layers(model):
-        shape = "(" + ", ".join(str(d) for d in record.output_shape) + ")"
-        if len(record.output_shape) == 1:
-            shape = shape[:-1] + ",)"
-        rows.append(
-            (
-                record.path,
-                record.class_name,
-                shape,
-                f"{record.params:,}",
-                record.calls,
-            )
+def _tap_list(text):
+    """`--taps a,b` -> `["a", "b"]`; a `re:` pattern is one tap."""
+    if text.startswith("re:"):
+        return [text]
+    taps = [tap.strip() for tap in text.split(",")]
+    if not all(taps):
+        raise argparse.ArgumentTypeError(
+            f"expected tap names separated by commas, got {text!r}"
         )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
-    for row in rows:
-        cells = [str(cell) for cell in row]
-        line = "  ".join(
-            cell.rjust(w) if i >= 3 else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths))
-        )
-        print(line.rstrip())
-
-
-def _extract(args):
-    import numpy as np
-
-    tap_model, x = _model_and_inputs(args)
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        raise ConfigError("--out", f"expected a .npz path, got {args.out!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        path = tap_model.extract(
-            x,
-            taps=args.taps,
-            batch_size=args.batch_size,
-            reduce=args.reduce,
-            to=str(out),
-            verbose=0,
-        )
-    except (ValueError, KeyError) as error:
-        raise ConfigError("--taps", config_lib.message_of(error)) from None
-    with np.load(path) as arrays:
-        shapes = {key: arrays[key].shape for key in arrays.files}
-    print(f"wrote {_rel(path)}:")
-    for key, shape in shapes.items():
-        print(f"  {key}: {shape}")
-
-
-def _plot(args):
-    from keras_tap.inspect import plot
-    from keras_tap.runs import rundir as runs
-
-    if args.features is None:
-        if args.run_dir is None:
-            raise ConfigError(
-                "RUN_DIR", "give a run directory, or --features MODEL"
-            )
-        run_dir = Path(args.run_dir)
-        if not (run_dir / runs.HISTORY_JSON).is_file():
-            message = f"no {runs.HISTORY_JSON} in {args.run_dir!r}: not a run"
-            raise ConfigError("RUN_DIR", message)
-        files = runs.write_plots(run_dir, args.out, optional=False)
-        for path in files.values():
-            print(f"wrote {_rel(path)}")
-        return
-    if args.run_dir is not None:
-        raise ConfigError(
-            "RUN_DIR", "give either a run directory or --features"
-        )
-    if args.out is None:
-        raise ConfigError("--out", "--features needs --out DIR")
-    args.model = args.features
-    tap_model, x = _model_and_inputs(args)
-    if not 0 <= args.sample < len(x):
-        message = f"expected a sample index in [0, {len(x)}), got {args.sample}"
-        raise ConfigError("--sample", message)
-    try:
-        features = tap_model.extract(
-            x[args.sample : args.sample + 1], taps=args.taps, verbose=0
-        )
-    except (ValueError, KeyError) as error:
-        raise ConfigError("--taps", config_lib.message_of(error)) from None
-    out = Path(args.out)
-    for name, activation in features.items():
-        path = out / f"{runs.file_name(name)}.png"
-        path = plot.feature_maps(activation[0], path, title=name)
-        print(f"wrote {_rel(path)}")
-
-
-# ------------------------------------------------------------------ helpers
-
-
-def _load_model(spec, *, base_only=False):
-    """A model from a `.keras` file, a run directory or a config.
-
-    With a config, the trained model of its run directory is used when it
-    exists; otherwise the model is built from the config (fresh weights).
-    Returns the model and, for a config, the `Config`.
-    """
-    import keras
-
-    from keras_tap.runs import rundir as runs
-    from keras_tap.runs import sources
-    from keras_tap.runs import train as training
-
-    path = Path(spec)
-    if path.is_dir() and (path / runs.MODEL).is_file():
-        path = path / runs.MODEL
-    if path.suffix in _CONFIG_SUFFIXES:
-        cfg = config_lib.load(path)
-        trained = Path(cfg.run.dir) / runs.MODEL
-        if trained.is_file():
-            path = trained
-        elif base_only:
-            return sources.build_model(cfg.model, "model")
-        else:
-            print(
-                f"keras-tap: note: no trained model at {_rel(trained)}; "
-                "using the config's model with freshly built weights",
-                file=sys.stderr,
-            )
-            return training.build(cfg)
-    if path.suffix != ".keras":
-        message = "expected a .keras file, a run directory or a config"
-        raise ConfigError("MODEL_OR_CONFIG", f"{message}, got {spec!r}")
-    if not path.is_file():
-        raise ConfigError("MODEL_OR_CONFIG", f"no such file: {str(path)!r}")
-    try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as error:
-        message = f"cannot load {str(path)!r}: {config_lib.message_of(error)}"
-        raise ConfigError("MODEL_OR_CONFIG", message) from None
-    return getattr(model, "base", model) if base_only else model
-
-
-def _model_and_inputs(args):
-    """The `TapModel` to extract from and the input array."""
-    import keras_tap as kt
-    from keras_tap.runs import data
-    from keras_tap.runs import rundir as runs
-
-    model = _load_model(args.model)
-    source = Path(args.model)
-    if source.is_dir() and (source / runs.CONFIG).is_file():
-        source = source / runs.CONFIG  # A run directory: its data.
-    if args.data is not None:
-        x = data.inputs(args.data, x_key=args.x_key)
-    elif source.suffix in _CONFIG_SUFFIXES:
-        x = data.read_arrays(config_lib.load(source).data).x
-    else:
-        raise ConfigError("--data", "a model file needs --data")
-    if not isinstance(model, kt.TapModel):
-        if not args.taps:
-            raise ConfigError("--taps", "name the layers to extract")
-        try:
-            model = kt.TapModel(model, list(args.taps))
-        except (ValueError, TypeError) as error:
-            raise ConfigError("--taps", config_lib.message_of(error)) from None
-    return model, x
-
-
-def _rel(path):
-    path = Path(path)
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+    return taps
 
 
 if __name__ == "__main__":

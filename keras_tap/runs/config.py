@@ -13,10 +13,10 @@ non-negative number or a schedule, got -1`. Tap names holding `.` or `/` are
 quoted: `taps["resnet50/conv3_block1_out"].weight`.
 
 This module only checks, section by section: key paths and `--set`
-overrides are in `keras_tap.keypaths`, the value checks in
-`keras_tap.config_checks`, the `model`/`teacher` sources in
-`keras_tap.sources` and the `data` section in `keras_tap.data`; models are
-built and trained by `keras_tap.training`.
+overrides are in `keras_tap.runs.keypaths`, the value checks in
+`keras_tap.runs.checks`, the `model`/`teacher` sources in
+`keras_tap.runs.sources` and the `data` section in `keras_tap.runs.data`;
+models are built and trained by `keras_tap.runs.train`.
 """
 
 import dataclasses
@@ -28,8 +28,7 @@ from typing import Any
 
 import yaml
 
-from keras_tap.runs import data
-from keras_tap.runs import sources
+from keras_tap.runs import data, sources
 from keras_tap.runs.checks import (
     KERAS_FORM,
     KERAS_MODULES,
@@ -210,9 +209,12 @@ def load(path_or_dict, overrides=(), *, base_dir=None):
     Args:
         path_or_dict: a `.yaml`/`.yml`/`.json` path, a dict or a `Config`.
         overrides: `key.path=value` strings applied before validation, as
-            `keras-tap train --set` does (see `apply_override`).
-        base_dir: the directory relative paths are relative to. Defaults to
-            the config file's directory, or the current one for a dict.
+            `keras-tap train --set` does (see `apply_override`). Relative
+            paths they set are relative to the current directory.
+        base_dir: the directory that relative paths written in the config
+            are relative to. Defaults to the config file's directory, or
+            the current one for a dict. The default `run.dir`,
+            `runs/<config file name>`, is in the current directory.
 
     Returns:
         A `Config`.
@@ -241,8 +243,12 @@ def load(path_or_dict, overrides=(), *, base_dir=None):
         source = Path(path_or_dict).resolve()
     else:
         raise expected("config", "a path, dict or Config", path_or_dict)
+    overridden = []
     for assignment in overrides or ():
         apply_override(raw, assignment)
+        overridden.append(parse_key_path(assignment.partition("=")[0].strip()))
+    for parts in overridden:
+        _paths_from_cwd(raw, parts)
     base = Path(base_dir or (source.parent if source else Path.cwd())).resolve()
     check_keys(raw, "", SECTIONS)
     teacher = raw.get("teacher")
@@ -260,6 +266,58 @@ def load(path_or_dict, overrides=(), *, base_dir=None):
         run=_run(raw.get("run"), base, source),
         source=str(source) if source else None,
     )
+
+
+# The keys whose values are paths; `data.y` and `data.targets` only with an
+# `npy` source (with `npz` they name arrays).
+_PATH_KEYS = (
+    ("model", "file"),
+    ("model", "python_path"),
+    ("teacher", "file"),
+    ("teacher", "python_path"),
+    ("data", "npz"),
+    ("data", "npy"),
+    ("data", "directory"),
+    ("data", "y"),
+    ("data", "targets"),
+    ("run", "dir"),
+)
+
+
+def _paths_from_cwd(raw, parts):
+    """Makes the relative paths that the override of `parts` set absolute,
+    relative to the current directory, as a path typed on a command line
+    is."""
+    for key in _PATH_KEYS:
+        depth = min(len(key), len(parts))
+        if tuple(parts[:depth]) != key[:depth]:
+            continue
+        data = raw.get("data")
+        if key[1] in ("y", "targets") and not (
+            isinstance(data, dict) and "npy" in data
+        ):
+            continue
+        *steps, last = parts if len(parts) > len(key) else key
+        node = raw
+        for step in steps:
+            if not isinstance(node, (dict, list)):
+                break
+            node = node.get(step) if isinstance(node, dict) else node[step]
+        else:
+            if isinstance(node, dict) and last in node:
+                node[last] = _absolute(node[last])
+            elif isinstance(node, list) and isinstance(last, int):
+                node[last] = _absolute(node[last])
+
+
+def _absolute(value):
+    if isinstance(value, list):
+        return [_absolute(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _absolute(item) for key, item in value.items()}
+    if isinstance(value, str) and value:
+        return str(Path.cwd() / os.path.expanduser(value))
+    return value
 
 
 def _section(cls, raw, name):

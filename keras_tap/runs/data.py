@@ -28,8 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_tap.runs import checks
-from keras_tap.runs import keypaths
+from keras_tap.runs import checks, keypaths
 from keras_tap.runs.checks import field
 from keras_tap.runs.keypaths import SOURCE_KEYS, ConfigError, key_path
 

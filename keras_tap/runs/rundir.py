@@ -57,9 +57,10 @@ def check_run_dir(run_dir, cfg, *, resume, overwrite):
         `None`), and whether an earlier run must be deleted first.
 
     Raises:
-        ConfigError: at `run.dir` for a directory that is not empty
-            without `resume` or `overwrite`, or holds no keras-tap run; at
-            the differing key for a resume with another config.
+        ConfigError: at `run.dir` for a directory that holds a run,
+            without `resume` or `overwrite`, or that is not empty and holds
+            no keras-tap run (the message names a free directory beside
+            it); at the differing key for a resume with another config.
     """
     if run_dir.exists() and not run_dir.is_dir():
         message = f"{str(run_dir)!r} is a file, not a directory"
@@ -68,16 +69,19 @@ def check_run_dir(run_dir, cfg, *, resume, overwrite):
         (run_dir / CONFIG).read_text(encoding="utf-8").startswith(MARKER)
     )
     non_empty = run_dir.is_dir() and any(run_dir.iterdir())
-    if non_empty and not (resume or overwrite):
-        message = (
-            f"{str(run_dir)!r} is not empty; resume the run with --resume, "
-            "replace it with --overwrite, or choose another run.dir"
-        )
-        raise ConfigError("run.dir", message)
+    elsewhere = f"--set run.dir={_shown(_free_sibling(run_dir))}"
     if non_empty and not is_run:
         message = (
             f"{str(run_dir)!r} is not empty and holds no keras-tap run (no "
-            f"{CONFIG} written by keras-tap); choose another run.dir"
+            f"{CONFIG} written by keras-tap); choose another run.dir, e.g. "
+            f"{elsewhere}"
+        )
+        raise ConfigError("run.dir", message)
+    if non_empty and not (resume or overwrite):
+        message = (
+            f"{str(run_dir)!r} already holds a run; continue it with "
+            "--resume, replace it with --overwrite, or train in another "
+            f"directory with {elsewhere}"
         )
         raise ConfigError("run.dir", message)
     state = read_state(run_dir) if resume and is_run else None
@@ -85,6 +89,23 @@ def check_run_dir(run_dir, cfg, *, resume, overwrite):
         saved = config_lib.read(run_dir / CONFIG)
         _check_same_config(saved, cfg.to_dict(), run_dir)
     return state, non_empty and state is None
+
+
+def _free_sibling(run_dir):
+    """`runs/digits-2` (or `-3`, ...): the first name beside `run_dir`
+    that does not exist yet."""
+    number = 2
+    while run_dir.with_name(f"{run_dir.name}-{number}").exists():
+        number += 1
+    return run_dir.with_name(f"{run_dir.name}-{number}")
+
+
+def _shown(path):
+    """`path` relative to the current directory when it is below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def start_run_dir(run_dir, state, replace):

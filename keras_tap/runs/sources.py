@@ -17,6 +17,7 @@ A section holds exactly one of:
 `read_model` checks a section into a `ModelConfig`; `build_model` builds it.
 """
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -162,14 +163,16 @@ def build_model(model_config, where):
         return getattr(model, "base", model)
     if kind == "application":
         return _build_application(value, model_config.kwargs, where)
-    function = import_builder(
-        value, model_config.python_path, f"{where}.builder"
-    )
-    try:
-        model = function(**model_config.kwargs)
-    except Exception as error:
-        message = f"{value} failed: {message_of(error)}"
-        raise ConfigError(f"{where}.builder", message) from None
+    # The builder may import more of its own modules while it runs.
+    with search_path(model_config.python_path):
+        function = import_builder(
+            value, model_config.python_path, f"{where}.builder"
+        )
+        try:
+            model = function(**model_config.kwargs)
+        except Exception as error:
+            message = f"{value} failed: {message_of(error)}"
+            raise ConfigError(f"{where}.builder", message) from None
     if not isinstance(model, keras.Model):
         message = f"{value} returned {type(model).__name__}, not a keras.Model"
         raise ConfigError(f"{where}.builder", message)
@@ -178,9 +181,10 @@ def build_model(model_config, where):
 
 def _build_application(name, kwargs, where):
     where = f"{where}.application"
-    timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(30)
     try:
+        if kwargs.get("weights", "imagenet") == "imagenet":
+            with download_timeout(30):
+                return getattr(keras.applications, name)(**kwargs)
         return getattr(keras.applications, name)(**kwargs)
     except Exception as error:
         message = message_of(error)
@@ -193,19 +197,45 @@ def _build_application(name, kwargs, where):
             )
             raise ConfigError(f"{where}.weights", message) from None
         raise ConfigError(where, message) from None
+
+
+@contextlib.contextmanager
+def download_timeout(seconds):
+    """Gives sockets opened inside the block a default timeout of
+    `seconds` (Keras's `get_file` takes none), and restores the previous
+    default when the block ends."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
     finally:
-        socket.setdefaulttimeout(timeout)
+        socket.setdefaulttimeout(previous)
+
+
+@contextlib.contextmanager
+def search_path(python_path):
+    """Puts `python_path` and the current directory first on `sys.path`
+    inside the block, and removes what it added when the block ends."""
+    added = []
+    for directory in (os.getcwd(), *reversed(python_path)):
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+            added.append(directory)
+    try:
+        yield
+    finally:
+        for directory in added:
+            if directory in sys.path:
+                sys.path.remove(directory)
 
 
 def import_builder(spec, python_path, where):
     """Imports the function of `module:function`, searching `python_path`
-    and the current directory."""
+    and the current directory (on `sys.path` only while importing)."""
     module_name, _, attr = spec.partition(":")
-    for directory in (os.getcwd(), *reversed(python_path)):
-        if directory not in sys.path:
-            sys.path.insert(0, directory)
     try:
-        module = importlib.import_module(module_name)
+        with search_path(python_path):
+            module = importlib.import_module(module_name)
     except ImportError as error:
         message = (
             f"cannot import {module_name!r} ({message_of(error)}); "

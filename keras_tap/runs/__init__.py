@@ -1,0 +1,2 @@
+"""Config-driven runs: configs, data, model sources, run directories and the
+`keras-tap` command line."""
