@@ -2,11 +2,12 @@
 
 A `kt.TapModel` subclass a researcher would write: its `train_step` runs
 ONE forward pass, takes the gradient of the prediction loss and of the
-weighted tap losses apart (`compute_loss_parts`), logs both gradient norms
-and their cosine, and, when the two gradients conflict (negative dot
-product), projects each onto the normal plane of the other before adding
-them: PCGrad (Yu et al., "Gradient Surgery for Multi-Task Learning",
-NeurIPS 2020), here with two "tasks", the predictions and the taps.
+weighted tap losses apart (`compute_loss_terms`, `compute_loss_parts`),
+logs both gradient norms and their cosine, and, when the two gradients
+conflict (negative dot product), projects each onto the normal plane of
+the other before adding them: PCGrad (Yu et al., "Gradient Surgery for
+Multi-Task Learning", NeurIPS 2020), here with two "tasks", the
+predictions and the taps.
 
 Run it on scikit-learn's 8x8 digits (shipped with scikit-learn; random data
 when it is missing):
@@ -48,9 +49,10 @@ class PCGradTapModel(kt.TapModel):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape(persistent=True) as tape:
             y_pred = self(x, training=True)  # the one forward pass
-            main, aux = self.compute_loss_parts(
+            losses = self.compute_loss_terms(
                 x, y, y_pred, sample_weight, training=True
             )
+            main, aux = self.compute_loss_parts(losses=losses)
         variables = self.trainable_variables
         main_grads = _dense(tape.gradient(main, variables), variables)
         tap_grads = _dense(tape.gradient(aux, variables), variables)
@@ -63,10 +65,11 @@ class PCGradTapModel(kt.TapModel):
         self.tap_grad_norm.update_state(stats["tap_norm"])
         self.grad_cosine.update_state(stats["cosine"])
         self.conflict_rate.update_state(stats["conflict"])
-        for metric in self.metrics:
-            if metric.name == "loss":
-                metric.update_state(main + aux)
-        return self.compute_metrics(x, y, y_pred, sample_weight)
+        # `loss`, `predictions_loss`, `<tap>_loss`, the tap and compiled
+        # metrics, all from this step's terms.
+        return self.compute_metrics(
+            x, y, y_pred, sample_weight, losses=losses, training=True
+        )
 
     def test_step(self, data):
         # Gradients exist in training only: keep their metrics out of the

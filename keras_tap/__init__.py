@@ -24,6 +24,7 @@ from keras_tap.version import __version__
 _EXPORTS = {
     "TapModel": ("keras_tap.taps.model", "TapModel"),
     "Tap": ("keras_tap.taps.tap", "Tap"),
+    "FeatureModel": ("keras_tap.taps.features", "FeatureModel"),
     "LayerRecord": ("keras_tap.taps.paths", "LayerRecord"),
     "list_layers": ("keras_tap.taps.paths", "list_layers"),
     "train": ("keras_tap.runs.train", "train"),

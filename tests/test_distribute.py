@@ -35,6 +35,13 @@ SCRIPT = textwrap.dedent(
     weight = rng.uniform(0.5, 1.5, size=(64,)).astype("float32")
     targets = {"predictions": y, "feat": feat}
 
+    SCALAR = len(sys.argv) > 2 and sys.argv[2] == "scalar"
+
+    class ScalarMSE(keras.losses.Loss):
+        # `call` returns the batch mean itself: Keras does not scale it.
+        def call(self, y_true, y_pred):
+            return keras.ops.mean(keras.ops.square(y_true - y_pred))
+
     def build():
         keras.utils.set_random_seed(0)
         inputs = keras.Input((8, 8, 3))
@@ -56,6 +63,8 @@ SCRIPT = textwrap.dedent(
             ),
             "feat": kt.Tap("feat", loss="mse", weight=0.3),
         }
+        if SCALAR:
+            taps = {"h": kt.Tap("feat", loss=ScalarMSE(), weight=0.5)}
         tap_model = kt.TapModel(model, taps)
         tap_model.compile(
             keras.optimizers.SGD(0.05, momentum=0.9),
@@ -66,15 +75,16 @@ SCRIPT = textwrap.dedent(
     def run(strategy):
         with strategy.scope():
             tap_model = build()
+        data = {"predictions": y, "h": feat} if SCALAR else targets
         history = tap_model.fit(
             x,
-            targets,
-            sample_weight=weight,
+            data,
+            sample_weight=None if SCALAR else weight,
             batch_size=16,
             epochs=2,
             shuffle=False,
             verbose=0,
-            validation_data=(x, targets),
+            validation_data=(x, data),
         )
         return tap_model.base.get_weights(), history.history
 
@@ -93,12 +103,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def _run(tmp_path_factory, mode):
     out = tmp_path_factory.mktemp("distribute") / "results.npz"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(out)],
+        [sys.executable, "-c", SCRIPT, str(out), mode],
         env=env,
         capture_output=True,
         text=True,
@@ -107,6 +116,16 @@ def results(tmp_path_factory):
     assert done.returncode == 0, done.stderr[-3000:]
     with np.load(out) as arrays:
         return {k: arrays[k] for k in arrays.files}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return _run(tmp_path_factory, "taps")
+
+
+@pytest.fixture(scope="module")
+def scalar_results(tmp_path_factory):
+    return _run(tmp_path_factory, "scalar")
 
 
 def _split(results, tag):
@@ -143,3 +162,18 @@ def test_mirrored_logged_losses_equal_one_device(results):
         np.testing.assert_allclose(
             mirrored[key], single[key], atol=1e-4, err_msg=key
         )
+
+
+def test_mirrored_loss_returning_a_scalar_equals_one_device(scalar_results):
+    # A custom `Loss` whose `call` returns a scalar is not divided by the
+    # number of replicas by Keras, so keras_tap must not undo a scaling
+    # that did not happen (it counted 2x too strongly on 2 replicas).
+    single, single_logs = _split(scalar_results, "single")
+    mirrored, mirrored_logs = _split(scalar_results, "mirrored")
+    assert {"h_loss", "val_h_loss"} <= set(single_logs)
+    for key in single_logs:
+        np.testing.assert_allclose(
+            mirrored_logs[key], single_logs[key], atol=1e-4, err_msg=key
+        )
+    for a, b in zip(mirrored, single):
+        np.testing.assert_allclose(a, b, atol=1e-4)

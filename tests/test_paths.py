@@ -268,3 +268,47 @@ def test_list_layers_nested_subclassed_in_call_order():
     np.testing.assert_allclose(
         taps["body/tower@1"], model.body.tower(x[:, 2:]), rtol=1e-6
     )
+
+
+def _classifier(name="predictions"):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,), name="x")
+    h = keras.layers.Dense(5, activation="relu", name="fc1")(inputs)
+    h = keras.layers.Dense(4, activation="relu", name="fc2")(h)
+    outputs = keras.layers.Dense(3, activation="softmax", name=name)(h)
+    return keras.Model(inputs, outputs, name="classifier")
+
+
+def test_pattern_skips_the_output_layers():
+    """Defect 6: `re:.*` no longer fails on the reserved output name."""
+    model = _classifier()
+    x = np.random.default_rng(0).normal(size=(2, 6)).astype("float32")
+    tap_model = kt.TapModel(model, "re:.*")
+    assert tap_model.tap_names == ["fc1", "fc2"]
+    predictions, taps = tap_model(x)
+    np.testing.assert_allclose(predictions, model(x), atol=1e-6)
+    reference = keras.Model(model.input, model.get_layer("fc2").output)
+    np.testing.assert_allclose(taps["fc2"], reference(x), atol=1e-6)
+    # Sequential models have no `output_names`: the output is found by
+    # its tensor.
+    seq = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(2, name="h"),
+         keras.layers.Dense(1, name="predictions")]
+    )
+    assert kt.TapModel(seq, "re:.*").tap_names == ["h"]
+    # Named explicitly, the output layer is still reserved...
+    with pytest.raises(ValueError, match="reserved"):
+        kt.TapModel(model, "predictions")
+    # ...and a pattern that matches it alone says so.
+    with pytest.raises(ValueError, match="matches only the output layers"):
+        kt.TapModel(model, "re:pred.*")
+
+
+def test_pattern_on_vgg16_skips_predictions():
+    vgg = keras.applications.VGG16(
+        weights=None, input_shape=(32, 32, 3), include_top=True, classes=3
+    )
+    tap_model = kt.TapModel(vgg, "re:.*")
+    assert "predictions" not in tap_model.tap_names
+    assert tap_model.tap_names[-1] == "fc2"
+    assert len(tap_model.tap_names) == len(vgg.layers) - 2

@@ -96,7 +96,7 @@ def test_teacher_weights_never_change():
     counter = teacher.get_layer("t_counter").count
     student_before = [w.copy() for w in tap_model.base.get_weights()]
     tap_model.fit(x, y, batch_size=B, epochs=2, verbose=0)
-    assert not teacher.trainable
+    assert teacher.trainable  # the user's object is left as it was
     for name, before, after in zip(
         [w.path for w in teacher.weights], frozen, teacher.get_weights()
     ):
@@ -234,3 +234,84 @@ def test_subclassed_teacher_and_student():
     for a, b in zip(teacher.get_weights(), frozen):
         if a.dtype != np.int32:
             np.testing.assert_array_equal(a, b)
+
+
+def test_teacher_given_as_a_layer_object(tmp_path):
+    """Defect 6: `Tap(teacher=<Layer>)` resolves against the teacher."""
+    x, _ = make_data()
+    student, teacher = make_student(), make_teacher()
+    tap = kt.Tap("s_logits", teacher=teacher.get_layer("t_logits"), loss="mse")
+    tap_model = kt.TapModel(student, {"logits": tap}, teacher=teacher)
+    assert tap_model.taps["logits"].teacher == "t_logits"
+    assert tap_model.get_config()["taps"]["logits"]["teacher"] == "t_logits"
+    expected = teacher_view(teacher, "t_logits")(x, training=False)
+    np.testing.assert_allclose(
+        tap_model.teacher_taps(x)["logits"], expected, atol=1e-6
+    )
+    tap_model.compile(keras.optimizers.SGD(0.05), loss="mse")
+    tap_model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert loaded.taps["logits"].teacher == "t_logits"
+    np.testing.assert_allclose(
+        loaded.teacher_taps(x)["logits"], expected, atol=1e-6
+    )
+    # A layer of another model is refused, naming the teacher.
+    other = make_student(seed=3).get_layer("s_logits")
+    with pytest.raises(ValueError, match="not part of model 'teacher'"):
+        kt.TapModel(
+            make_student(),
+            {"logits": kt.Tap("s_logits", teacher=other, loss="mse")},
+            teacher=teacher,
+        )
+    with pytest.raises(TypeError, match=r"teacher.*received int"):
+        kt.Tap("s_logits", teacher=3, loss="mse")
+
+
+def _teacher_state(teacher):
+    counter = teacher.get_layer("t_counter").count.path
+    return {
+        w.path: w.numpy().copy() for w in teacher.weights if w.path != counter
+    }
+
+
+def test_the_users_teacher_stays_trainable_and_trains_on_its_own():
+    teacher = make_teacher()
+    tap_model = distiller(teacher=teacher)
+    assert teacher.trainable
+    assert all(layer.trainable for layer in teacher.layers)
+    x, y = make_data()
+    before = _teacher_state(teacher)
+    tap_model.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    assert teacher.trainable
+    for path, value in _teacher_state(teacher).items():
+        np.testing.assert_array_equal(value, before[path], err_msg=path)
+    # The user's own fit of the teacher trains it (it trained nothing
+    # when the TapModel set `teacher.trainable = False`).
+    teacher.compile(
+        keras.optimizers.SGD(0.05),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    teacher.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    after = _teacher_state(teacher)
+    changed = [p for p in after if not np.array_equal(after[p], before[p])]
+    assert len(changed) >= 8, changed  # kernels, biases, BN state
+    # And the TapModel's step still leaves it alone afterwards.
+    trained = _teacher_state(teacher)
+    tap_model.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    for path, value in _teacher_state(teacher).items():
+        np.testing.assert_array_equal(value, trained[path], err_msg=path)
+
+
+def test_teacher_weights_get_no_optimizer_slots():
+    tap_model = distiller()
+    x, y = make_data()
+    tap_model.compile(keras.optimizers.Adam(1e-3), loss="mse")
+    tap_model.fit(x, keras.ops.one_hot(y, 3), batch_size=B, epochs=1,
+                  verbose=0)
+    teacher_ids = {id(w) for w in tap_model.teacher.weights}
+    assert not teacher_ids & {id(w) for w in tap_model.trainable_variables}
+    frozen = {id(w) for w in tap_model.non_trainable_weights}
+    assert teacher_ids <= frozen
+    # Adam keeps two slots per trained variable, none for the teacher.
+    slots = len(tap_model.optimizer.variables) - 2  # iterations, lr
+    assert slots == 2 * len(tap_model.trainable_variables)

@@ -693,3 +693,79 @@ def test_compute_tap_losses_override_is_used():
     assert logs["loss"] == pytest.approx(
         logs["predictions_loss"] + 2 * expected + kernel_l2, rel=1e-4
     )
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_data_target_of_the_wrong_shape_names_tap_shapes_and_key(run_eagerly):
+    x, y, _ = make_data()
+    tap_model = compiled_tap_model(run_eagerly=run_eagerly)
+    wrong = np.zeros((N, 32), "float32")
+    with pytest.raises(ValueError) as raised:
+        tap_model.fit(x, {"predictions": y, "feat": wrong}, batch_size=B,
+                      epochs=1, verbose=0)
+    message = str(raised.value)
+    assert message.startswith("Tap 'feat': its target y['feat'] has shape (")
+    assert "32)" in message and "5)" in message
+    assert "Dimensions must be equal" not in message.split("(", 1)[0]
+
+
+def test_predictions_loss_is_computed_not_subtracted():
+    # `model.losses` of 1e5 next to a prediction loss of about 1: a value
+    # derived as `total - model.losses` in float32 is off by ~1e-2.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(
+        8, kernel_regularizer=keras.regularizers.L2(1e5), name="big"
+    )(inputs)
+    outputs = keras.layers.Dense(CLASSES, name="logits")(h)
+    model = keras.Model(inputs, outputs)
+    tap_model = kt.TapModel(
+        model, {"big": kt.Tap("big", regularizer="activity_l2")}
+    )
+    tap_model.compile(keras.optimizers.SGD(0.0), loss=SCE)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, 4)).astype("float32")
+    y = rng.integers(0, CLASSES, size=(N,))
+    expected = float(SCE(y, model(x)))
+    assert float(keras.ops.sum(model.losses)) > 1e4
+    history = tap_model.fit(x, y, batch_size=N, epochs=1, verbose=0)
+    logged = history.history["predictions_loss"][0]
+    assert logged == pytest.approx(expected, rel=1e-5)
+
+
+class _BatchMeanL2(keras.regularizers.Regularizer):
+    reduction = "batch_mean"
+
+    def __call__(self, x):
+        return keras.ops.mean(keras.ops.sum(keras.ops.square(x), axis=-1))
+
+
+class _BatchSumL2(keras.regularizers.Regularizer):
+    def __call__(self, x):
+        return keras.ops.sum(keras.ops.square(x))
+
+
+@pytest.mark.parametrize(
+    "regularizer, declared",
+    [
+        (_BatchMeanL2(), True),
+        (_BatchSumL2(), False),
+        (kt.regularizers.ActivityL2(1.0), True),
+        (lambda a: keras.ops.sum(keras.ops.square(a)), True),
+    ],
+    ids=["declared_mean", "keras_sum", "kt", "function"],
+)
+def test_regularizer_reduction_is_declared(regularizer, declared):
+    x, y, _ = make_data()
+    model = make_cnn()
+    tap_model = kt.TapModel(model, {"feat": kt.Tap("feat",
+                                                   regularizer=regularizer)})
+    _, taps = tap_model(x)
+    terms = tap_model.compute_tap_losses(x, y, taps)
+    a = np.asarray(taps["feat"], "float64")
+    if isinstance(regularizer, (_BatchMeanL2, kt.regularizers.ActivityL2)):
+        value = (a**2).sum(-1).mean()
+    else:
+        value = (a**2).sum()
+    expected = value if declared else value / N
+    assert float(terms["feat"]) == pytest.approx(expected, rel=1e-5)

@@ -15,10 +15,14 @@ class TapStatistics(keras.callbacks.Callback):
 
     The statistics are computed inside the compiled training step, on the
     batches being trained on and from the step's own forward pass (a
-    callback cannot add ops to a compiled step, so this one switches them on
-    in the `TapModel`). They appear in History, the progress bar and
-    TensorBoard as `<tap>_mean`, `<tap>_std`, `<tap>_zero_fraction` and
-    `<tap>_dead_channels`, over each epoch's training batches.
+    callback cannot add ops to a compiled step, so `TapModel.fit` switches
+    them on in the step). At each epoch's end this callback writes
+    `<tap>_mean`, `<tap>_std`, `<tap>_zero_fraction` and
+    `<tap>_dead_channels`, over the epoch's training batches, into the
+    epoch's logs: History, TensorBoard, CSVLogger and the run's
+    `history.csv` record them; the progress bar leaves them out, to stay
+    one line of loss terms and metrics. Changing the set of watched taps
+    between fits retraces the training step once.
 
     Args:
         taps: tap names to watch (default: every tap of the model).
@@ -67,15 +71,23 @@ class TapStatistics(keras.callbacks.Callback):
                 )
         return list(self.taps)
 
-    def on_train_begin(self, logs=None):
-        model = self.model
-        if not hasattr(model, "tap_names"):
-            raise TypeError(
-                "TapStatistics works with a kt.TapModel; the model being "
-                f"trained is a {type(model).__name__}."
-            )
+    def statistics_set(self, model):
+        """`(key, factory)` of the statistics this callback asks of
+        `model` (`TapModel.set_statistics`)."""
         shapes = model.tap_shapes()
         selected = self._select(model)
+        # A structured tap (a tuple or dict output) has no one activation
+        # to describe: left out by default, refused when named.
+        from keras_tap.taps import graph
+
+        structured = [n for n in selected if not graph.is_shape(shapes[n])]
+        if structured and self.taps is not None:
+            raise ValueError(
+                f"TapStatistics: the tap {structured[0]!r} has a structured "
+                "output (a tuple, list or dict of tensors); tap one element "
+                "of it (`'path:output[i]'`) to log its statistics."
+            )
+        selected = [n for n in selected if n not in structured]
         strategy = getattr(model, "distribute_strategy", None)
 
         def factory():
@@ -89,21 +101,28 @@ class TapStatistics(keras.callbacks.Callback):
                 ]
             return statistics.Statistics(metrics, self.every)
 
-        model.set_statistics((tuple(selected), self.every), factory)
+        return (tuple(selected), self.every), factory
 
-    def on_train_end(self, logs=None):
-        self.model.set_statistics(None)
+    def on_train_begin(self, logs=None):
+        model = self.model
+        if not hasattr(model, "tap_names"):
+            raise TypeError(
+                "TapStatistics works with a kt.TapModel; the model being "
+                f"trained is a {type(model).__name__}."
+            )
+        # `TapModel.fit` switched them on already; this keeps the same set.
+        self._statistics = model.set_statistics(*self.statistics_set(model))
 
-    def _show(self, visible):
-        statistics = getattr(self.model, "_statistics", None)
-        if statistics is not None:
-            statistics.visible = visible
+    def on_epoch_begin(self, epoch, logs=None):
+        for metric in self._statistics.metrics:
+            metric.reset_state()
 
-    def on_test_begin(self, logs=None):
-        self._show(False)
-
-    def on_test_end(self, logs=None):
-        self._show(True)
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        for metric in self._statistics.metrics:
+            for key, value in metric.result().items():
+                logs[key] = float(value)
 
     def get_config(self):
         return {"taps": self.taps, "every": self.every}

@@ -8,6 +8,8 @@ statistics over an epoch.
 import keras
 from keras import ops
 
+STATISTICS = ("mean", "std", "zero_fraction", "dead_channels")
+
 
 @keras.saving.register_keras_serializable(package="keras_tap")
 class TapStatisticsMetric(keras.metrics.Metric):
@@ -75,13 +77,23 @@ class TapStatisticsMetric(keras.metrics.Metric):
 
 
 class Statistics:
-    """The statistics a `TapModel` computes inside its training step."""
+    """The statistics a `TapModel` computes inside its training step.
+
+    The step updates `metrics` (`TapStatisticsMetric`s, which are not among
+    `model.metrics`); `kt.callbacks.TapStatistics` resets them at each
+    epoch's start and writes their results into the epoch's logs.
+    """
 
     def __init__(self, metrics, every):
         self.metrics = metrics
         self.every = every
-        # Hidden during validation, which computes no statistics.
-        self.visible = True
+
+    @property
+    def keys(self):
+        """The log keys of the statistics (`<tap>_mean`, ...)."""
+        return [
+            f"{m.tap}_{stat}" for m in self.metrics for stat in STATISTICS
+        ]
 
     def update(self, taps, step):
         def record():
@@ -105,40 +117,75 @@ class StatisticsMixin:
     def init_statistics(self):
         object.__setattr__(self, "_statistics", None)
         object.__setattr__(self, "_statistics_key", None)
-        object.__setattr__(self, "_statistics_cache", {})
 
     def set_statistics(self, key=None, factory=None):
         """Switch in-step tap statistics on or off.
 
-        `kt.callbacks.TapStatistics` calls this: `key` names a statistics
-        set (`None`: off) and `factory()` builds it the first time. The
-        train function of every set is kept, so switching back and forth
-        between fits does not retrace; `compile` makes them stale.
-        """
-        cache = self._statistics_cache
-        current = self._statistics_key
-        if key == current:
-            return
-        kept = cache.get(current, (None, None))[1]
-        if kept is not None and kept is not self.train_function:
-            # Keras rebuilt the train function (after `compile`): the kept
-            # ones hold the old optimizer and losses.
-            cache = {k: (stats, None) for k, (stats, _) in cache.items()}
-            object.__setattr__(self, "_statistics_cache", cache)
-        cache[current] = (self._statistics, self.train_function)
-        if key not in cache:
-            cache[key] = (factory() if key is not None else None, None)
-        statistics, train_function = cache[key]
-        object.__setattr__(self, "_statistics", statistics)
-        object.__setattr__(self, "_statistics_key", key)
-        self.train_function = train_function
-        if train_function is None and getattr(self, "optimizer", None):
-            self.make_train_function(force=True)
+        `key` names a statistics set (`None`: off) and `factory()` builds
+        it. Only a change of the set rebuilds the train function (Keras's
+        `make_train_function(force=True)`), so fits with the same set reuse
+        the traced step.
 
-    @property
-    def metrics(self):
-        metrics = super().metrics
-        statistics = getattr(self, "_statistics", None)
-        if statistics is not None and statistics.visible:
-            metrics = metrics + list(statistics.metrics)
-        return metrics
+        Returns:
+            The active `Statistics`, or `None`.
+        """
+        if key != self._statistics_key:
+            statistics = factory() if key is not None else None
+            object.__setattr__(self, "_statistics", statistics)
+            object.__setattr__(self, "_statistics_key", key)
+            if self.train_function is not None:
+                self.make_train_function(force=True)
+        return self._statistics
+
+    def prepare_statistics(self, callbacks, verbose="auto"):
+        """Switch the statistics for a `fit` with `callbacks`, before Keras
+        builds its train function.
+
+        The `TapStatistics` callbacks go first, so that every other
+        callback (TensorBoard, CSVLogger, History) sees the statistics they
+        write into the epoch's logs; the progress bar leaves them out.
+
+        Returns:
+            The callbacks to pass to Keras's `fit`.
+        """
+        from keras_tap.inspect.callbacks import TapStatistics
+
+        found = [c for c in callbacks if isinstance(c, TapStatistics)]
+        if len(found) > 1:
+            raise ValueError(
+                "`fit` takes one kt.callbacks.TapStatistics; received "
+                f"{len(found)}. Give one the list of taps to watch."
+            )
+        if not found:
+            self.set_statistics(None)
+            return callbacks
+        statistics = self.set_statistics(*found[0].statistics_set(self))
+        others = [c for c in callbacks if c is not found[0]]
+        shows = verbose != 0 and not any(
+            isinstance(c, keras.callbacks.ProgbarLogger) for c in callbacks
+        )
+        if shows:
+            others.append(ProgbarLogger(hidden=statistics.keys))
+        return [found[0]] + others
+
+
+class ProgbarLogger(keras.callbacks.ProgbarLogger):
+    """Keras's progress bar, without the keys in `hidden` (the tap
+    statistics, which go to History, TensorBoard and the plots)."""
+
+    async_safe = True
+
+    def __init__(self, hidden=()):
+        super().__init__()
+        self.hidden = set(hidden)
+
+    def _visible(self, logs):
+        if not logs:
+            return logs
+        return {k: v for k, v in logs.items() if k not in self.hidden}
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, self._visible(logs))
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, self._visible(logs))

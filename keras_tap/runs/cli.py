@@ -273,9 +273,18 @@ def parser_of_commands():
         "layers",
         "list the layer paths a model can tap",
         "  keras-tap layers examples/configs/digits.yaml\n"
-        "  keras-tap layers runs/digits/base.keras\n",
+        "  keras-tap layers runs/digits/base.keras\n"
+        "  keras-tap layers vit.keras --depth 2\n",
     )
     sub.add_argument("model", metavar="MODEL_OR_CONFIG", help=_MODEL_OR_CONFIG)
+    sub.add_argument(
+        "--depth",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="list paths of at most N segments (1: the outer graph alone; "
+        "default: every depth, inside layers too)",
+    )
 
     sub = command(
         "extract",
@@ -364,6 +373,20 @@ def _data_options(sub):
         default=32,
         help="the batch size of the forward passes (default: %(default)s)",
     )
+
+
+def _positive_int(text):
+    """`--depth 2` -> `2`; anything but a positive integer is refused."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer (1: the outer graph alone), got "
+            f"{text!r}"
+        )
+    return value
 
 
 def _tap_list(text):

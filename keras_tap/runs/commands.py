@@ -19,10 +19,20 @@ _CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 def train(args):
     """`keras-tap train`: trains a config and prints where its files went."""
+    from keras_tap.runs import distribute
     from keras_tap.runs import train as training
 
+    # A multi-worker strategy must exist before any other TensorFlow op.
+    distribute.prepare(args.config, args.overrides)
     cfg = config_lib.load(args.config, args.overrides)
     run = training.train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if not run.files:
+        task = distribute.read_task()
+        print(
+            f"{task.name} of {task.workers}: trained; the chief writes the "
+            f"run directory {_rel(run.dir)}"
+        )
+        return
     files = {key: _rel(path) for key, path in run.files.items()}
     if run.initial_epoch:
         print(f"resumed after epoch {run.initial_epoch}")
@@ -86,21 +96,32 @@ def validate(args):
     print(f"  run directory: {_rel(cfg.run.dir)}")
 
 
+def _shape_text(shape):
+    """`(None, 3)` -> `"(None, 3)"`; a structure shows each element; a
+    point the model never called shows `-`."""
+    if shape is None:
+        return "-"
+    if isinstance(shape, dict):
+        inner = ", ".join(f"{k}: {_shape_text(v)}" for k, v in shape.items())
+        return "{" + inner + "}"
+    if all(d is None or isinstance(d, int) for d in shape):
+        text = ", ".join(str(d) for d in shape)
+        return f"({text},)" if len(shape) == 1 else f"({text})"
+    return "[" + ", ".join(_shape_text(s) for s in shape) + "]"
+
+
 def layers(args):
     """`keras-tap layers`: prints the `kt.list_layers` table of a model."""
     import keras_tap as kt
 
     model = _load_model(args.model, base_only=True)
     rows = [("path", "class", "output shape", "params", "calls")]
-    for record in kt.list_layers(model):
-        shape = "(" + ", ".join(str(d) for d in record.output_shape) + ")"
-        if len(record.output_shape) == 1:
-            shape = shape[:-1] + ",)"
+    for record in kt.list_layers(model, depth=getattr(args, "depth", None)):
         rows.append(
             (
                 record.path,
                 record.class_name,
-                shape,
+                _shape_text(record.output_shape),
                 f"{record.params:,}",
                 record.calls,
             )

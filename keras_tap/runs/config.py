@@ -1,7 +1,7 @@
 """Typed, validated configs for `kt.train` and the `keras-tap` command.
 
 A config is a YAML or JSON mapping with the sections `model`, `teacher`,
-`taps`, `compile`, `data`, `fit`, `callbacks` and `run` (see
+`taps`, `compile`, `data`, `fit`, `callbacks`, `run` and `distribution` (see
 `docs/config.md`). Keras objects in it are identifiers (`"adam"`, `"mse"`,
 `"activity_l1"`) or Keras's serialization form `{"class_name": ...,
 "config": {...}}`, and each is checked by deserializing it. YAML is read
@@ -15,7 +15,8 @@ quoted: `taps["resnet50/conv3_block1_out"].weight`.
 This module only checks, section by section: key paths and `--set`
 overrides are in `keras_tap.runs.keypaths`, the value checks in
 `keras_tap.runs.checks`, the `model`/`teacher` sources in
-`keras_tap.runs.sources` and the `data` section in `keras_tap.runs.data`;
+`keras_tap.runs.sources`, the `data` section in `keras_tap.runs.data` and
+the `distribution` section in `keras_tap.runs.distribute`;
 models are built and trained by `keras_tap.runs.train`.
 """
 
@@ -47,6 +48,7 @@ from keras_tap.runs.checks import (
     text,
     with_module,
 )
+from keras_tap.runs.distribute import DistributionConfig
 from keras_tap.runs.keypaths import (
     ConfigError,
     apply_override,
@@ -62,6 +64,7 @@ __all__ = [
     "CompileConfig",
     "Config",
     "ConfigError",
+    "DistributionConfig",
     "FitConfig",
     "MODEL_SOURCES",
     "ModelConfig",
@@ -82,7 +85,7 @@ __all__ = [
 ]
 
 SECTIONS = ("model", "teacher", "taps", "compile", "data", "fit")
-SECTIONS += ("callbacks", "run")
+SECTIONS += ("callbacks", "run", "distribution")
 
 
 # ----------------------------------------------------------------- sections
@@ -166,6 +169,7 @@ class Config:
     compile: CompileConfig = CompileConfig()
     fit: FitConfig = FitConfig()
     callbacks: tuple = ()
+    distribution: DistributionConfig = DistributionConfig()
     source: Any = dataclasses.field(default=None, compare=False)
 
     def to_dict(self):
@@ -178,6 +182,7 @@ class Config:
             "fit": self.fit.to_dict(),
             "callbacks": [callback.to_dict() for callback in self.callbacks],
             "run": self.run.to_dict(),
+            "distribution": self.distribution.to_dict(),
         }
 
     def to_yaml(self):
@@ -264,6 +269,7 @@ def load(path_or_dict, overrides=(), *, base_dir=None):
         fit=FitConfig(**_section(FitConfig, raw, "fit")),
         callbacks=_callbacks(raw.get("callbacks")),
         run=_run(raw.get("run"), base, source),
+        distribution=DistributionConfig.from_config(raw.get("distribution")),
         source=str(source) if source else None,
     )
 

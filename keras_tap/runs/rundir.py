@@ -44,6 +44,12 @@ FEATURES = "features"
 MARKER = "# The resolved config of this keras-tap run.\n"
 # Keys a resumed run may change.
 RESUMABLE_KEYS = ("fit.epochs", "fit.verbose", "run.plots")
+# Where a run trains may change: every strategy gives the same weights.
+RESUMABLE_KEYS += (
+    "distribution.strategy",
+    "distribution.devices",
+    "distribution.backup",
+)
 
 
 # ----------------------------------------------------------- starting a run

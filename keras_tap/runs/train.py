@@ -7,12 +7,15 @@ describes; with `resume=True` it continues a run from its last checkpoint.
 """
 
 import dataclasses
+import inspect
+from contextlib import nullcontext
 from pathlib import Path
 
 import keras
 
 from keras_tap.runs import config as config_lib
 from keras_tap.runs import data as data_lib
+from keras_tap.runs import distribute
 from keras_tap.runs import rundir as runs
 from keras_tap.runs.config import ConfigError, key_path
 from keras_tap.runs.rundir import (
@@ -94,6 +97,13 @@ class Run:
 def train(config, *, resume=False, overwrite=False, verbose=None):
     """Builds the config's `TapModel`, trains it and writes a run directory.
 
+    The config's `distribution` section picks where it trains. Under
+    `multi_worker` every worker calls `train` with the same config (each
+    with its `TF_CONFIG`); the chief writes the run directory, the other
+    workers a temporary folder that is removed. With a backup left by a
+    worker that was killed, `train` continues after the backup's epoch
+    (`resume` and `overwrite` aside).
+
     Args:
         config: a `Config`, a dict or a path to a YAML/JSON config.
         resume: continue the run in `config.run.dir` from its last
@@ -102,37 +112,66 @@ def train(config, *, resume=False, overwrite=False, verbose=None):
         verbose: `fit`'s verbosity; defaults to `config.fit.verbose`.
 
     Returns:
-        A `Run`.
+        A `Run`. On a worker other than the chief, `files` is empty.
 
     Raises:
         ConfigError: for a bad config, a non-empty run directory without
             `resume` or `overwrite`, or a resume with a different config.
     """
+    # A multi-worker strategy must exist before any other TensorFlow op.
+    distribute.prepare(config)
     cfg = config_lib.load(config)
-    run_dir = Path(cfg.run.dir)
-    state, replace = runs.check_run_dir(
-        run_dir, cfg, resume=resume, overwrite=overwrite
-    )
+    strategy = distribute.strategy(cfg.distribution)
+    placement = distribute.Placement(cfg.run.dir, cfg.distribution)
+    try:
+        return _train(cfg, placement, strategy, resume, overwrite, verbose)
+    finally:
+        placement.close()
+
+
+def _train(cfg, placement, strategy, resume, overwrite, verbose):
+    target, run_dir = Path(cfg.run.dir), placement.run_dir
+    backup_epoch = placement.backup_epoch()
+    continuing = backup_epoch > 0
+    if placement.is_chief:
+        state, replace = runs.check_run_dir(
+            target,
+            cfg,
+            resume=resume or continuing,
+            overwrite=overwrite and not continuing,
+        )
+    else:
+        state, replace = (runs.read_state(target) if resume else None), False
     seed_everything(cfg.run)
     train_data, val_data = data_lib.load(cfg.data, cfg.run.seed)
-    tap_model = build(cfg)
-    check_inputs(tap_model, train_data)
-    compile_model(tap_model, cfg)
+    scope = strategy.scope() if strategy is not None else nullcontext()
+    with scope:
+        tap_model = build(cfg)
+        check_inputs(tap_model, train_data)
+        compile_model(tap_model, cfg)
     history, initial_epoch = {}, 0
-    if state is not None:
+    if continuing:
+        # `BackupAndRestore` restores the weights and optimizer state of
+        # the backup's epoch; the history is the run directory's, up to it.
+        history = _history_before(state, backup_epoch)
+        initial_epoch = backup_epoch
+    elif state is not None:
         # The config rebuilds the model; the checkpoint restores its weights
         # and the optimizer's state (iterations, moments).
-        restore(tap_model, run_dir / CHECKPOINTS / state["checkpoint"])
+        with scope:
+            restore(tap_model, target / CHECKPOINTS / state["checkpoint"])
         history, initial_epoch = state["history"], state["epoch"] + 1
     runs.start_run_dir(run_dir, state, replace)
-    if state is None:
+    if state is None or not placement.is_chief:
         runs.write_text(run_dir / CONFIG, runs.MARKER + cfg.to_yaml())
     epochs = cfg.fit.epochs
     steps = data_lib.steps_per_epoch(
         train_data, cfg.data.batch_size, cfg.fit.steps_per_epoch
     )
     recorder = runs.Recorder(run_dir, history, cfg.run.keep_checkpoints)
-    callbacks = build_callbacks(cfg) + [recorder]
+    # The backup comes last: it marks an epoch done once it is recorded.
+    callbacks = build_callbacks(cfg, run_dir=run_dir) + [recorder]
+    callbacks += placement.callbacks()
     if initial_epoch < epochs:
         dataset = data_lib.training_dataset(
             train_data,
@@ -146,13 +185,21 @@ def train(config, *, resume=False, overwrite=False, verbose=None):
         validation = None
         if val_data is not None:
             validation = (val_data.x, val_data.fit_targets())
+            if strategy is not None:
+                validation = distribute.batched(
+                    validation, cfg.data.batch_size
+                )
+        if strategy is not None:
+            dataset = distribute.shard_by_data(dataset)
         tap_model.fit(
             dataset,
             epochs=epochs,
             initial_epoch=initial_epoch,
             steps_per_epoch=steps,
             validation_data=validation,
-            validation_batch_size=cfg.data.batch_size,
+            validation_batch_size=(
+                None if strategy is not None else cfg.data.batch_size
+            ),
             callbacks=callbacks,
             shuffle=False,
             verbose=cfg.fit.verbose if verbose is None else verbose,
@@ -175,13 +222,21 @@ def train(config, *, resume=False, overwrite=False, verbose=None):
             )
         )
     return Run(
-        dir=run_dir,
+        dir=target,
         model=tap_model,
         history=recorder.history,
-        files=files,
+        files=files if placement.is_chief else {},
         metrics=final_metrics(recorder.history, tap_model.tap_names),
         initial_epoch=initial_epoch,
     )
+
+
+def _history_before(state, epoch):
+    """The history of a checkpoint `state`, up to (without) `epoch`."""
+    history = (state or {}).get("history") or {}
+    epochs = history.get("epoch", [])
+    keep = sum(1 for e in epochs if e is not None and e < epoch)
+    return {key: list(values[:keep]) for key, values in history.items()}
 
 
 def build(config):
@@ -210,6 +265,8 @@ def build(config):
             kwargs["adapter"] = deserialize_layer(
                 kwargs["adapter"], f"{where}.adapter"
             )
+        if cfg.distribution.cross_replica_moments and kwargs["regularizer"]:
+            kwargs["regularizer"] = cross_replica(kwargs["regularizer"])
         taps[name] = kt.Tap(**kwargs)
     try:
         return kt.TapModel(model, taps, teacher=teacher)
@@ -223,6 +280,20 @@ def build(config):
         ]
         where = min(found)[1] if found else "taps"
         raise ConfigError(where, message) from None
+
+
+def cross_replica(regularizer):
+    """`regularizer` (an identifier, dict or object) computing its batch
+    moments over all replicas, when it has such moments (a
+    `cross_replica` argument); otherwise as it is."""
+    from keras_tap.training import regularizers
+
+    regularizer = regularizers.get(regularizer)
+    parameters = inspect.signature(type(regularizer).__init__).parameters
+    if "cross_replica" not in parameters:
+        return regularizer
+    config = {**regularizer.get_config(), "cross_replica": True}
+    return type(regularizer).from_config(config)
 
 
 def compile_model(tap_model, config):
@@ -247,15 +318,17 @@ def compile_model(tap_model, config):
     return tap_model
 
 
-def build_callbacks(config):
-    """The config's callbacks, then TensorBoard (when `run.tensorboard`)."""
+def build_callbacks(config, run_dir=None):
+    """The config's callbacks, then TensorBoard (when `run.tensorboard`),
+    logging into `run_dir` (default: the config's `run.dir`)."""
     cfg = config_lib.load(config)
     callbacks = [
         config_lib.resolve_callback(spec, f"callbacks[{i}]")
         for i, spec in enumerate(cfg.callbacks)
     ]
     if cfg.run.tensorboard:
-        callbacks.append(EpochScalars(Path(cfg.run.dir) / LOGS))
+        run_dir = Path(run_dir or cfg.run.dir)
+        callbacks.append(EpochScalars(run_dir / LOGS))
     return callbacks
 
 

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_tap.taps import graph
+from keras_tap.taps import forward, graph
 
 REDUCTIONS = ("mean", "max")
 
@@ -34,47 +34,38 @@ def _check_reduce(reduce):
 
 
 class Extractor(keras.Model):
-    """Computes only the requested taps, reduced inside the graph."""
+    """Computes only the requested taps, reduced inside the graph.
+
+    A graph model runs only the layers the taps depend on; a watched run
+    stops once every requested tap is recorded.
+    """
 
     def __init__(self, tap_model, names, points, reduce):
         super().__init__(name="tap_extractor")
         self.names = list(names)
+        # A structured point gives one array per element, never fewer.
+        self.keys = []
+        for name, point in zip(self.names, points):
+            suffixes = point.element_suffixes() if point.structured else []
+            self.keys.extend(name + s for s in suffixes or [""])
         self.reduce = reduce
-        index = tap_model._index
-        object.__setattr__(self, "_base", tap_model.base)
-        if index.connected(points):
-            tensors = [p.tensor for p in points]
-            # A Functional model over the outputs wanted keeps only the
-            # layers they depend on: nothing after the deepest tap runs.
-            pruned = keras.Model(index.trace.inputs, tensors)
-            object.__setattr__(self, "_pruned", pruned)
-            object.__setattr__(self, "_interceptor", None)
-        else:
-            object.__setattr__(self, "_pruned", None)
-            object.__setattr__(
-                self,
-                "_interceptor",
-                tap_model._interceptor(points, self.names, stop_early=True),
-            )
+        run = forward.build(
+            tap_model._index, points, self.names, outputs=False,
+            stop_early=True,
+        )
+        object.__setattr__(self, "_forward", run)
 
     def call(self, inputs):
-        if self._pruned is not None:
-            outputs = self._pruned(inputs, training=False)
-            if not isinstance(outputs, (list, tuple)):
-                outputs = [outputs]
-            values = dict(zip(self.names, outputs))
-        else:
-            with self._interceptor.watch() as watcher:
-                try:
-                    self._base(inputs, training=False)
-                except graph.StopForward:
-                    pass  # Every requested tap is computed: skip the rest.
-                values = {n: watcher.records[n] for n in self.names}
+        _, values = self._forward(inputs, training=False)
+        flat = {}
+        for name, value in values.items():
+            for suffix, leaf in graph.flatten_elements(value):
+                flat[name + suffix] = leaf
         if self.reduce is None:
-            return values
+            return flat
         if callable(self.reduce):
-            return {n: self.reduce(v) for n, v in values.items()}
-        return {n: _pool(v, self.reduce) for n, v in values.items()}
+            return {n: self.reduce(v) for n, v in flat.items()}
+        return {n: _pool(v, self.reduce) for n, v in flat.items()}
 
 
 def _requested(tap_model, taps):
@@ -250,6 +241,7 @@ def extract(tap_model, data, *, taps, batch_size, reduce, to, verbose):
         verbose = 1
     progbar = keras.utils.Progbar(count, verbose=1 if verbose else 0)
     sink = NpzStream(to) if to is not None else None
+    names = extractor.keys
     collected = {n: [] for n in names}
     steps = 0
     try:

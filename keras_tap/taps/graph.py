@@ -1,4 +1,4 @@
-"""Reach every layer call of a model: graph rebuilds and call interception.
+"""Reach every computation of a model: graph rebuilds, and watched calls.
 
 Two routes lead to intermediate outputs:
 
@@ -6,20 +6,31 @@ Two routes lead to intermediate outputs:
   any depth) are re-run with `keras.models.clone_model(...,
   clone_function=identity, call_function=...)`. The same layer objects are
   called again (weights are shared, nothing is copied) and nested graph
-  models are inlined into the outer graph, so that every inner layer call
-  becomes a tensor connected to the outer inputs. The result is a
-  `GraphTrace`: the outer inputs, the model outputs, and the output of every
-  layer call, in graph order.
-- Subclassed models have no graph. `Interceptor` temporarily replaces the
-  `call` of the layers to watch with a wrapper that records their outputs
-  while the model runs (eagerly or inside `tf.function`, gradients intact),
-  and restores the original afterwards.
+  models are inlined into the outer graph, so that every inner layer call,
+  and every operation that is not a layer (`x + y`, `ops.nn.relu`), becomes
+  a tensor connected to the outer inputs. A nested graph model whose inner
+  layers share names with others (two towers from one factory) cannot be
+  inlined into one graph, whose names must be unique: it stays one node,
+  replaced by a multi-output view of itself. The result is a `GraphTrace`.
+- The layers held inside a layer (a keras-hub encoder's blocks, a
+  `MultiHeadAttention`'s softmax), and every layer of a subclassed model,
+  have no graph. The symbolic run records their calls (paths, call order,
+  shapes) while a `watch.Watcher` watches them; at run time the tapped ones
+  are watched again (`forward`).
 """
 
-import contextlib
 import inspect
 
 import keras
+
+from keras_tap.taps import watch
+from keras_tap.taps.points import (  # noqa: F401 - part of this API
+    Calls,
+    Point,
+    flatten_elements,
+    is_shape,
+)
+from keras_tap.taps.points import shape_of as _shape_of
 
 SEPARATOR = "/"
 
@@ -55,10 +66,13 @@ def free_batch_inputs(structure):
 
 
 def functional_view(model):
-    """A Functional model over the same layers as a graph `model`.
+    """An uncompiled Functional model over the same layers as `model`.
 
     The batch dimension of the inputs is left free, so a Sequential that was
     built by calling it once on a batch of 2 still accepts any batch size.
+    The view is never compiled, whatever `model` was compiled with (a
+    lambda or an unregistered loss): `keras.models.clone_model` compiles
+    its clone from the model's compile config, which must not matter here.
     """
     if is_sequential(model):
         try:
@@ -80,7 +94,9 @@ def functional_view(model):
             unpack_singleton(outputs),
             name=model.name,
         )
-    return model
+    if not getattr(model, "compiled", False):
+        return model
+    return keras.Model(model.input, model.output, name=model.name)
 
 
 def unpack_singleton(value):
@@ -88,38 +104,6 @@ def unpack_singleton(value):
     if isinstance(value, (list, tuple)) and len(value) == 1:
         return value[0]
     return value
-
-
-class Point:
-    """One call of one layer: a tappable point.
-
-    Attributes:
-        path: the layer path, `/`-separated through nested models.
-        index: the 0-based call index of the layer within the traced model.
-        layer: the layer object.
-        tensor: in a `GraphTrace`, the symbolic output of this call.
-        shape: the output shape (a tuple, or a structure of tuples).
-    """
-
-    def __init__(self, path, index, layer, tensor=None, shape=None):
-        self.path = path
-        self.index = index
-        self.layer = layer
-        self.tensor = tensor
-        self.shape = shape
-
-    @property
-    def call_name(self):
-        return f"{self.path}@{self.index}"
-
-    def __repr__(self):
-        return f"Point({self.call_name}, {type(self.layer).__name__})"
-
-
-def _shape_of(value):
-    return keras.tree.map_structure(
-        lambda t: tuple(t.shape) if hasattr(t, "shape") else None, value
-    )
 
 
 def _accepts_training(layer):
@@ -139,25 +123,26 @@ class GraphTrace:
         inputs: the new symbolic inputs (batch dimension free).
         outputs: the symbolic outputs, with the structure of `model.output`.
         points: `{path: [Point, ...]}` with one point per call, the paths in
-            graph order.
-        opaque: `{path: layer}` for nested models that are not graph models
-            (subclassed): their inner points have no tensor (`None`), and
-            are reached by interception.
+            the order the calls end (a layer after the layers it holds).
+            Points inside layers (and inside subclassed models) have no
+            tensor: they are reached by watching the calls (`watch`).
     """
 
     def __init__(self, model):
         view = functional_view(model)
         self.points = {}
-        self.opaque = {}
+        self._views = {}
+        self._viewed = _clashing_models(view)
         inputs = free_batch_inputs(view.input)
         rebuilt = self._inline(view, inputs, prefix="", training=None)
         self.inputs = inputs
         self.outputs = rebuilt
 
-    def _record(self, path, layer, tensor):
+    def _record(self, path, layer, tensor, args):
         calls = self.points.setdefault(path, [])
         calls.append(
-            Point(path, len(calls), layer, tensor, shape=_shape_of(tensor))
+            Point(path, len(calls), layer, tensor, shape=_shape_of(tensor),
+                  args=tuple(args))
         )
 
     def _inline(self, model, inputs, prefix, training):
@@ -221,120 +206,183 @@ class GraphTrace:
         return outer(unpack_singleton(clone.output))
 
     def _call(self, layer, prefix, args, kwargs):
-        """Call one layer on connected tensors and record the call."""
+        """Call one layer (or operation) on connected tensors, record it."""
         if isinstance(layer, keras.layers.InputLayer):
             return layer(*args, **kwargs)
-        if not isinstance(layer, keras.layers.Layer):
-            return layer(*args, **kwargs)  # a bare op, e.g. `x + 1`.
         path = prefix + layer.name
-        if is_graph_model(layer):
+        if is_graph_model(layer) and id(layer) in self._viewed:
+            outputs = self._view(layer, path, args, kwargs)
+        elif is_graph_model(layer):
             outputs = self._inline(
                 layer,
                 args[0],
                 prefix=path + SEPARATOR,
                 training=kwargs.get("training"),
             )
-        elif isinstance(layer, keras.Model):
-            # A subclassed model has no graph to inline: its layers' calls
-            # are recorded by interception (shapes, call order), and
-            # tapping one of them makes `TapModel` intercept at run time.
-            self.opaque[path] = layer
-            inner, outputs = trace_calls(
-                layer, run=lambda: layer(*args, **kwargs)
-            )
-            for inner_path, calls in inner.items():
-                full = path + SEPARATOR + inner_path
-                known = self.points.setdefault(full, [])
-                for point in calls:
-                    known.append(
-                        Point(full, len(known), point.layer, None,
-                              point.shape)
-                    )
+        elif isinstance(layer, keras.layers.Layer):
+            # The layers it holds are watched during the symbolic call:
+            # their paths, call order and shapes; tapping one of them
+            # makes the forward pass watch it at run time.
+            outputs = self._watched_call(layer, path, args, kwargs)
         else:
-            outputs = layer(*args, **kwargs)
-        self._record(path, layer, outputs)
+            outputs = layer(*args, **kwargs)  # an operation: `x + y`.
+        self._record(path, layer, outputs, args)
         return outputs
 
+    def _watched_call(self, layer, path, args, kwargs):
+        from keras_tap.taps import sublayers
 
-class StopForward(Exception):
-    """Raised by an `Interceptor` once every wanted call was recorded."""
-
-
-class Interceptor:
-    """Records outputs of chosen layer calls while a model runs.
-
-    Args:
-        wanted: `{layer_id: {call_index: [key, ...]}}`: the calls to record
-            and the keys to store each under. `None` records every call of
-            every layer in `layers`.
-        layers: `{layer_id: layer}`, the layers to patch.
-        stop_early: raise `StopForward` once every wanted call is recorded
-            (used by extraction to skip the rest of the model).
-    """
-
-    def __init__(self, layers, wanted=None, stop_early=False):
-        self.layers = layers
-        self.wanted = wanted
-        self.stop_early = stop_early
-        self.records = {}
-        self.counts = {}
-
-    def _wrap(self, layer, original):
-        def call(*args, **kwargs):
-            outputs = original(*args, **kwargs)
-            key = id(layer)
-            index = self.counts.get(key, 0)
-            self.counts[key] = index + 1
-            if self.wanted is None:
-                self.records.setdefault(key, []).append(outputs)
-            else:
-                for name in self.wanted.get(key, {}).get(index, ()):
-                    self.records[name] = outputs
-                if self.stop_early and self._complete():
-                    raise StopForward()
-            return outputs
-
-        return call
-
-    def _complete(self):
-        needed = sum(
-            len(names)
-            for calls in self.wanted.values()
-            for names in calls.values()
-        )
-        return len(self.records) >= needed
-
-    @contextlib.contextmanager
-    def watch(self):
-        """Patch the layers for the duration of the block."""
-        self.records = {}
-        self.counts = {}
-        saved = []
+        outputs = layer(*args, **kwargs)
+        if not sublayers.held_sublayers(layer):
+            return outputs  # a leaf layer: nothing inside to reach.
+        # Keras computes a layer's output on symbolic tensors from its
+        # `compute_output_shape` when it has one (MultiHeadAttention), so
+        # its `call` never runs: a probe layer around the call makes it run
+        # on the backend's symbolic tensors, where the sublayers are called.
+        plain_args, plain_kwargs = _dense_specs((args, kwargs))
         try:
-            for layer in self.layers.values():
-                own = "call" in vars(layer)
-                original = layer.call
-                saved.append((layer, own, original))
-                object.__setattr__(layer, "call", self._wrap(layer, original))
-            yield self
-        finally:
-            for layer, own, original in reversed(saved):
-                if own:
-                    object.__setattr__(layer, "call", original)
-                else:
-                    object.__delattr__(layer, "call")
+            found, _ = trace_calls(
+                layer, run=lambda: _Probe(layer)(*plain_args, **plain_kwargs)
+            )
+        except Exception:  # noqa: BLE001 - a call that cannot run
+            # symbolically: its sublayers are listed without calls.
+            found, _ = trace_calls(layer, run=lambda: None)
+        for inner_path, calls in found.items():
+            full = path + SEPARATOR + inner_path
+            known = self.points.setdefault(full, Calls(calls.layer))
+            for point in calls:
+                point.path, point.index = full, len(known)
+                point.anchor = outputs
+                known.append(point)
+        return outputs
+
+    def _view(self, layer, path, args, kwargs):
+        """Call a nested graph model as one node: a multi-output view of
+        itself that also returns every point inside it."""
+        if id(layer) not in self._views:
+            inner = GraphTrace(layer)
+            exposed, positions = [], {}
+            inputs = {id(t) for t in keras.tree.flatten(inner.inputs)}
+
+            def expose(structure):
+                for t in keras.tree.flatten(structure):
+                    if (
+                        isinstance(t, keras.KerasTensor)
+                        and id(t) not in positions
+                        and id(t) not in inputs
+                    ):
+                        positions[id(t)] = len(exposed)
+                        exposed.append(t)
+
+            expose(inner.outputs)
+            for calls in inner.points.values():
+                for point in calls:
+                    expose(point.tensor)
+                    expose(point.anchor)
+                    if not point.watched:
+                        expose(point.args)
+            view = keras.Model(inner.inputs, exposed, name=layer.name)
+            self._views[id(layer)] = (view, inner, positions)
+        view, inner, positions = self._views[id(layer)]
+        values = view(args[0], **kwargs)
+        if not isinstance(values, (list, tuple)):
+            values = [values]
+        links = {
+            id(t): v
+            for t, v in zip(
+                keras.tree.flatten(inner.inputs), keras.tree.flatten(args[0])
+            )
+        }
+
+        def outer(structure):
+            if structure is None:
+                return None
+
+            def one(t):
+                if id(t) in positions:
+                    return values[positions[id(t)]]
+                return links.get(id(t), t)
+
+            return keras.tree.map_structure(one, structure)
+
+        for inner_path, calls in inner.points.items():
+            full = path + SEPARATOR + inner_path
+            known = self.points.setdefault(
+                full, Calls(getattr(calls, "layer", None))
+            )
+            for point in calls:
+                copy = Point(
+                    full, len(known), point.layer, outer(point.tensor),
+                    point.shape,
+                    point.args if point.watched else outer(point.args),
+                    outer(point.anchor), point.owner,
+                )
+                known.append(copy)
+        return outer(inner.outputs)
 
 
-def walk_layers(model, prefix=""):
-    """Yield `(path, layer)` for every layer of `model`, nested models
-    expanded, in the order of `model.layers`; input layers left out."""
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
+def _dense_specs(structure):
+    """Fresh dense `KerasTensor`s like those of `structure` (shapes only
+    matter to a probe; Keras may mark a dense output `sparse`)."""
+
+    def fresh(value):
+        if isinstance(value, keras.KerasTensor):
+            return keras.KerasTensor(value.shape, dtype=value.dtype)
+        return value
+
+    return keras.tree.map_structure(fresh, structure)
+
+
+class _Probe(keras.layers.Layer):
+    """Runs `layer`'s call symbolically, whatever its output shape method."""
+
+    def __init__(self, layer):
+        super().__init__(name=f"probe_{layer.name}", dtype=layer.dtype_policy)
+        self.layer = layer
+        self.supports_masking = True  # masks reach `layer` as they are.
+        self.built = True
+
+    def call(self, *args, **kwargs):
+        return self.layer(*args, **kwargs)
+
+
+def _flat_names(model):
+    """`[(name, id(layer)), ...]` for what inlining `model` adds to a graph."""
+    found = []
+    for operation in functional_view(model).operations:
+        if isinstance(operation, keras.layers.InputLayer):
             continue
-        path = prefix + layer.name
-        yield path, layer
-        if isinstance(layer, keras.Model):
-            yield from walk_layers(layer, path + SEPARATOR)
+        if is_graph_model(operation):
+            found.extend(_flat_names(operation))
+        else:
+            found.append((operation.name, id(operation)))
+    return found
+
+
+def _clashing_models(view):
+    """Ids of the nested graph models of `view` that cannot be inlined:
+    an inner layer shares its name with another layer of the flat graph."""
+    owners, objects = {}, {}
+    for operation in view.operations:
+        if isinstance(operation, keras.layers.InputLayer):
+            continue
+        names = (
+            _flat_names(operation)
+            if is_graph_model(operation)
+            else [(operation.name, id(operation))]
+        )
+        for name, key in names:
+            objects.setdefault(name, set()).add(key)
+            owners.setdefault(name, set()).add(id(operation))
+    clashing = set()
+    for name, keys in objects.items():
+        if len(keys) > 1:
+            clashing.update(owners[name])
+    return {
+        id(op)
+        for op in view.operations
+        if id(op) in clashing and is_graph_model(op)
+    }
 
 
 def input_spec_of(model):
@@ -361,56 +409,53 @@ def input_spec_of(model):
 
 
 def trace_calls(model, run=None):
-    """Run `model` symbolically and record every call of its layers.
+    """Run `model` symbolically and record every call of the layers it holds.
 
     Args:
-        model: a model whose layers to watch (nested models expanded).
+        model: a layer or model whose sublayers to watch, at every depth
+            (`sublayers.walk`).
         run: a function that calls `model` (default: on symbolic inputs of
             its build shape).
 
     Returns:
         `({path: [Point, ...]}, run's result)`, the points in the order the
-        calls ended (a nested model after its layers, as in a
-        `GraphTrace`); `tensor` is left `None` and `shape` is filled in.
+        calls ended (a layer after the layers it holds), then the sublayers
+        that never ran (no calls). `tensor` is `None`; `shape` and `args`
+        (the shapes of the positional arguments) are filled in, and
+        `owner` for the softmax of an attention layer. Attention layers
+        compute attention explicitly during the run, so their softmax is
+        recorded although Keras fuses attention.
     """
-    layers = dict(walk_layers(model))
-    by_id = {id(layer): path for path, layer in layers.items()}
-    interceptor = Interceptor({id(layer): layer for layer in layers.values()})
-    order = []
+    from keras_tap.taps import attention, sublayers
 
-    original_wrap = interceptor._wrap
-
-    def wrap(layer, original):
-        inner = original_wrap(layer, original)
-
-        def call(*args, **kwargs):
-            outputs = inner(*args, **kwargs)
-            order.append(id(layer))
-            return outputs
-
-        return call
-
-    interceptor._wrap = wrap
+    walked = sublayers.walk(model)
+    layers = dict(walked)
+    by_id = {id(layer): path for path, layer in walked}
+    owners = {}
+    for layer in [model] + list(layers.values()):
+        found = attention.softmax_owner(layer)
+        if found is not None and id(found[1]) in by_id:
+            owners[id(found[1])] = found[0]
     if run is None:
         inputs = input_spec_of(model)
 
         def run():
             return model(inputs)
 
-    with interceptor.watch():
+    watcher = watch.Watcher(layers.values(), explicit=owners.values())
+    with watcher.watch() as recording:
         result = run()
     points = {}
-    seen = {}
-    for key in order:
-        index = seen.get(key, 0)
-        seen[key] = index + 1
+    for (key, output), args in zip(recording.calls, recording.arguments):
         path = by_id[key]
-        output = interceptor.records[key][index]
-        points.setdefault(path, []).append(
-            Point(path, index, layers[path], None, _shape_of(output))
+        calls = points.setdefault(path, Calls(layers[path]))
+        calls.append(
+            Point(path, len(calls), layers[path], None, _shape_of(output),
+                  args=tuple(_shape_of(a) for a in args),
+                  owner=owners.get(key))
         )
     # Layers that never ran in the traced call are still listed, with no
     # calls, so that paths to them give a precise error.
     for path, layer in layers.items():
-        points.setdefault(path, [])
+        points.setdefault(path, Calls(layer))
     return points, result

@@ -77,8 +77,9 @@ class Tap:
             evaluated at `optimizer.iterations`.
         target: `"data"` (the target is `y[tap_name]`) or `"predictions"`
             (the prediction target: deep supervision).
-        teacher: a layer path of the `TapModel`'s teacher: the target is
-            that layer's output in the teacher (no gradient).
+        teacher: a layer path (or a `keras.layers.Layer`) of the
+            `TapModel`'s teacher: the target is that layer's output in the
+            teacher (no gradient).
         adapter: a layer applied to the activation before the loss and
             metrics (a FitNets regressor, an auxiliary head); trained and
             saved with the `TapModel`.
@@ -117,10 +118,13 @@ class Tap:
                 f"{target!r}. To take the target from a teacher model, pass "
                 "`teacher='layer path'` instead."
             )
-        if teacher is not None and not isinstance(teacher, str):
+        if teacher is not None and not isinstance(
+            teacher, (str, keras.layers.Layer)
+        ):
             raise TypeError(
-                "Tap `teacher` must be a layer path (str) of the teacher "
-                f"model; received {type(teacher).__name__}: {teacher!r}."
+                "Tap `teacher` must be a layer path (str) or a "
+                "keras.layers.Layer of the teacher model; received "
+                f"{type(teacher).__name__}: {teacher!r}."
             )
         if teacher is not None and target != "data":
             raise ValueError(
@@ -164,11 +168,27 @@ class Tap:
     def path(self):
         return self.layer if isinstance(self.layer, str) else self.layer.name
 
+    @property
+    def teacher_path(self):
+        """The teacher layer path (a `Layer` given as `teacher=`: its
+        name until a `TapModel` resolves it)."""
+        teacher = self.teacher
+        if teacher is None or isinstance(teacher, str):
+            return teacher
+        return teacher.name
+
     def with_layer(self, layer):
         """A copy of this tap pointing at `layer` (same objects shared)."""
+        return self._replace(layer=layer)
+
+    def with_teacher(self, teacher):
+        """A copy of this tap with the teacher point `teacher`."""
+        return self._replace(teacher=teacher)
+
+    def _replace(self, **changes):
         tap = object.__new__(type(self))
         tap.__dict__.update(self.__dict__)
-        tap.layer = layer
+        tap.__dict__.update(changes)
         return tap
 
     def get_config(self):
@@ -181,7 +201,7 @@ class Tap:
             "regularizer": _serialize(self.regularizer),
             "weight": _serialize(weight),
             "target": self.target,
-            "teacher": self.teacher,
+            "teacher": self.teacher_path,
             "adapter": _serialize(self.adapter),
             "metrics": [_serialize(m) for m in self.metrics] or None,
         }
@@ -205,10 +225,12 @@ class Tap:
 
     def __repr__(self):
         parts = [repr(self.path)]
-        for key in ("loss", "regularizer", "teacher", "adapter"):
+        for key in ("loss", "regularizer", "adapter"):
             value = getattr(self, key)
             if value is not None:
                 parts.append(f"{key}={type(value).__name__}")
+        if self.teacher is not None:
+            parts.append(f"teacher={self.teacher_path!r}")
         return f"Tap({', '.join(parts)})"
 
 
@@ -242,3 +264,68 @@ def normalize_taps(taps):
         tap = spec if isinstance(spec, Tap) else Tap(spec)
         normalized.append((key, tap))
     return normalized
+
+
+def resolve_taps(index, taps, reserved=()):
+    """Resolve `taps` against a model: `[(tap_name, Tap, Point), ...]`.
+
+    Each returned `Tap` points at one call (its path, or `path@i` for a
+    layer called several times); a pattern expands to one entry per match.
+
+    Args:
+        index: the model's `paths.LayerIndex`.
+        taps: taps in any form `normalize_taps` accepts.
+        reserved: names a tap may not take (the model's predictions).
+
+    Raises:
+        ValueError: for a path that resolves to nothing, a reserved or
+            repeated tap name, or one adapter on a pattern of several
+            layers.
+    """
+    entries = []
+    for key, tap in normalize_taps(taps):
+        matches = index.resolve(tap.layer)
+        if len(matches) > 1 and tap.adapter is not None:
+            raise ValueError(
+                f"Tap {tap.path!r} expands to {len(matches)} layers but "
+                "has one `adapter`: an adapter's weights cannot serve "
+                "several taps. Give each layer its own Tap."
+            )
+        for match_name, point in matches:
+            if point.structured and tap.has_terms:
+                elements = [
+                    match_name + s for s in point.element_suffixes()
+                ]
+                raise ValueError(
+                    f"Tap {match_name!r}: the point has a structured "
+                    "output, but a loss or regularizer needs one tensor. "
+                    f"Tap one element instead: {elements}."
+                )
+            address = index.address(point)
+            if isinstance(tap.layer, keras.layers.Layer):
+                # Saved with the model: resolvable in another process, where
+                # Keras numbers generated names differently.
+                address = index.stable_address(point)
+            elif len(matches) == 1 and not tap.layer.startswith("re:"):
+                address = tap.layer  # as written
+            if key is None:
+                tap_name = match_name
+            elif len(matches) == 1:
+                tap_name = key
+            else:
+                tap_name = f"{key}/{match_name}"
+            entries.append((tap_name, tap.with_layer(address), point))
+    names = [n for n, _, _ in entries]
+    for tap_name in names:
+        if tap_name in reserved:
+            raise ValueError(
+                f"A tap may not be named {tap_name!r}: the name is "
+                f"reserved for the model's predictions ({sorted(reserved)}"
+                "). Use the dict form `taps={'my_name': path}`."
+            )
+        if names.count(tap_name) > 1:
+            raise ValueError(
+                f"The tap name {tap_name!r} is used more than once; tap "
+                "names must be unique."
+            )
+    return entries

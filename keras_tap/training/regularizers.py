@@ -2,9 +2,13 @@
 
 Every regularizer here is a `keras.regularizers.Regularizer` whose value is a
 float32 scalar defined as a **batch mean** (or as a statistic of the batch):
-it does not grow with the batch size, so a `TapModel` uses it as it is. When
-one is set as a layer's `activity_regularizer`, Keras divides it by the batch
-size once more.
+it does not grow with the batch size. Each class declares so with the class
+attribute `reduction = "batch_mean"`, and a `TapModel` uses its value as it
+is. A Keras `Regularizer` without it is taken as a sum over the batch (as
+`keras.regularizers.L2` is) and divided by the batch size; a subclass of your
+own that is a batch mean sets `reduction = "batch_mean"` too. When one is
+set as a layer's `activity_regularizer`, Keras divides it by the batch size
+once more.
 
 Activations are `(batch, channels)` or channels-last `(batch, ..., channels)`.
 All reductions run in float32, so float16 activations (mixed precision) do not
@@ -72,6 +76,8 @@ class ActivityL1(keras.regularizers.Regularizer):
     1.5
     """
 
+    reduction = "batch_mean"
+
     def __init__(self, l1=0.01):
         self.l1 = check_number(type(self).__name__, "l1", l1)
 
@@ -103,6 +109,8 @@ class ActivityL2(keras.regularizers.Regularizer):
     >>> round(float(reg(2 * np.ones((4, 3)))), 4)
     6.0
     """
+
+    reduction = "batch_mean"
 
     def __init__(self, l2=0.01):
         self.l2 = check_number(type(self).__name__, "l2", l2)
@@ -147,6 +155,8 @@ class KLSparsity(keras.regularizers.Regularizer):
     >>> round(float(reg(np.full((4, 3), 0.5))), 4)
     0.0
     """
+
+    reduction = "batch_mean"
 
     def __init__(self, rho=0.05, beta=1.0):
         owner = type(self).__name__
@@ -203,6 +213,8 @@ class DeCov(keras.regularizers.Regularizer):
     1.0
     """
 
+    reduction = "batch_mean"
+
     def __init__(self, weight=1.0):
         self.weight = check_number(type(self).__name__, "weight", weight)
 
@@ -247,6 +259,8 @@ class Orthogonality(keras.regularizers.Regularizer):
     >>> round(float(regularizers.Orthogonality()(x)), 4)
     1.0
     """
+
+    reduction = "batch_mean"
 
     def __init__(self, weight=1.0):
         self.weight = check_number(type(self).__name__, "weight", weight)
@@ -301,6 +315,8 @@ class VarianceCovariance(keras.regularizers.Regularizer):
     >>> round(float(reg(np.zeros((4, 3)))), 2)  # collapsed features
     0.99
     """
+
+    reduction = "batch_mean"
 
     def __init__(
         self,

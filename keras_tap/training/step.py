@@ -1,173 +1,269 @@
-"""Training helpers of `TapModel`: targets, sample and class weights, tap
-loss terms, tap metrics and the non-finite stop.
+"""Backend-free loss assembly of a `TapModel`'s training step.
 
-`y` is either the prediction target alone, or the dict form
-`{"predictions": prediction_target, tap_name: tap_target, ...}`.
-`sample_weight` is one array, or a dict keyed like `y`.
+The functions here are pure, written with `keras.ops`: a step's inputs in
+(`x`, `y`, the predictions and taps of its one forward pass, the sample
+weights, the step), its loss terms out. `trainers/<backend>.py` takes the
+gradients and applies them; `TapModel.compute_metrics` logs the terms.
+
+Every value is in one-device units: a float32 batch mean over this replica's
+batch, as logged. The trainer scales the total for distribution.
+
+How a library object reduces is declared, not guessed:
+
+- A regularizer whose class has `reduction = "batch_mean"` (every
+  `kt.regularizers` class) is a mean over the batch and is used as it is; any
+  other `keras.regularizers.Regularizer` is a sum over the batch and is
+  divided by the batch size; a plain function is used as it is.
+- A `keras.losses.Loss` whose class has `call_returns = "per_sample"` (every
+  `kt.losses` class but `Wrapped`) returns per-sample values from `call`, so
+  Keras reduces and scales it for distribution. For any other `Loss`, the
+  rank of what its `call` returns decides: Keras leaves a scalar as it is.
 """
 
-import math
+from typing import NamedTuple
 
 import keras
-import numpy as np
 from keras import ops
 
-from keras_tap.training import regularizers as tap_regularizers
 from keras_tap.training import trainers
 
 PREDICTIONS = "predictions"
 _SCALED_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 
-class TargetsMixin:
-    """Target and sample-weight handling shared by `TapModel`'s steps."""
+class LossTerms(NamedTuple):
+    """The losses of one step, in one-device units (float32 scalars).
 
-    def is_dict_form(self, y):
-        return isinstance(y, dict) and (
-            PREDICTIONS in y or any(n in y for n in self.tap_names)
+    Attributes:
+        predictions_loss: the compiled loss on the predictions alone (0
+            without one), as logged in `predictions_loss`.
+        extra_loss: `sum(model.losses)`.
+        tap_terms: `{tap_name: unweighted term}`, as logged in
+            `<tap>_loss` (what `compute_tap_losses` returned).
+        tap_weights: `{tap_name: weight}` at `step`.
+        tap_loss: `sum(weight_i * term_i)`.
+        total: `predictions_loss + extra_loss + tap_loss`, logged in `loss`.
+        step: the step the weights were evaluated at.
+    """
+
+    predictions_loss: object
+    extra_loss: object
+    tap_terms: dict
+    tap_weights: dict
+    tap_loss: object
+    total: object
+    step: object
+
+
+class TapOutput(NamedTuple):
+    """What a tap's loss and metrics compare: `target` against `output`
+    (the activation after the tap's adapter), weighted by
+    `sample_weight`; `source` names the target (`"y['feat']"`)."""
+
+    target: object
+    output: object
+    sample_weight: object
+    source: str
+
+
+class TapTerms(dict):
+    """`{tap_name: unweighted term}`, with the `TapOutput` of each tap
+    that has a loss or metrics in `outputs` (so the metrics reuse the
+    adapters' outputs of the same step)."""
+
+    def __init__(self, terms=(), outputs=None):
+        super().__init__(terms)
+        self.outputs = {} if outputs is None else outputs
+
+
+def assemble(model, x, y, y_pred, sample_weight=None, training=True):
+    """The `LossTerms` of one step of `model` (a `kt.TapModel`).
+
+    Calls `model.compute_tap_losses` (so that an override counts) and
+    `model.tap_weights`.
+    """
+    predictions, taps = y_pred
+    pred_y, _ = model.split_targets(y)
+    pred_sw, _ = model.split_weights(sample_weight, y)
+    zero = ops.zeros((), dtype="float32")
+    predictions_loss = zero
+    if model.loss is not None:
+        predictions_loss = trainers.get().unscale_for_replicas(
+            compiled_loss(model, pred_y, predictions, pred_sw)
         )
-
-    def split_targets(self, y):
-        """`y` -> `(prediction_target, {tap_name: tap_target})`."""
-        if self.is_dict_form(y):
-            return y.get(PREDICTIONS), {
-                k: v for k, v in y.items() if k != PREDICTIONS
-            }
-        return y, {}
-
-    def split_weights(self, sample_weight, y):
-        """`sample_weight` -> `(prediction_weight, {tap_name: weight})`."""
-        if sample_weight is None:
-            return None, {}
-        if isinstance(sample_weight, dict):
-            pred = sample_weight.get(PREDICTIONS)
-            return pred, {
-                k: v
-                for k, v in sample_weight.items()
-                if k != PREDICTIONS and v is not None
-            }
-        if isinstance(sample_weight, (list, tuple)) and self.is_dict_form(y):
-            # Keras flattens a dict-shaped sample weight to a list, sorted
-            # like the keys of `y`.
-            keys = sorted(y)
-            weights = dict(zip(keys, sample_weight))
-            return self.split_weights(weights, y)
-        return sample_weight, {n: sample_weight for n in self.tap_names}
-
-    def data_target(self, tap_name, y, tap_targets):
-        if tap_name in tap_targets:
-            return tap_targets[tap_name]
-        got = sorted(y) if isinstance(y, dict) else None
-        received = (
-            f"the keys {got}" if got is not None else "a y that is not a dict"
-        )
-        raise ValueError(
-            f"Tap {tap_name!r} has target='data', so it needs y[{tap_name!r}]"
-            f"; received {received}. Pass y={{'predictions': ..., "
-            f"{tap_name!r}: ...}}, or give the Tap target='predictions' or "
-            "teacher='layer path'."
-        )
-
-    def log_losses(self, x, pred_loss, terms):
-        """Update the `predictions_loss` and `<tap>_loss` logs, weighted by
-        the batch size as Keras weights `loss`."""
-        batch = ops.shape(keras.tree.flatten(x)[0])[0]
-        self._predictions_loss.update_state(pred_loss, sample_weight=batch)
-        for tracker in self._tap_loss_trackers:
-            tap_name = tracker.name[: -len("_loss")]
-            if tap_name in terms:
-                tracker.update_state(terms[tap_name], sample_weight=batch)
-
-    # -- class weights -------------------------------------------------------
-
-    def prepare_fit_data(self, x, y, kwargs):
-        """Turn `class_weight` into a prediction sample weight, and add the
-        non-finite stop under XLA.
-
-        Keras refuses `class_weight` when `y` is a dict, and would apply it
-        to the tap losses too when it is not; the contract says it weights
-        the predictions only. The taps whose target is not in `y`
-        (`target="predictions"`, teacher taps) get an entry of their own in
-        `y` (unused) and in the sample weight (the given one, or ones), so
-        that the class weights do not reach them.
-        """
-        if jit_compiled(self):
-            callbacks = list(kwargs.get("callbacks") or [])
-            kwargs["callbacks"] = callbacks + [StopOnNonFinite()]
-        class_weight = kwargs.pop("class_weight", None)
-        if class_weight is None:
-            return x, y, kwargs
-        if not isinstance(class_weight, dict) or not class_weight:
+    extra_loss = zero
+    for loss in model.losses:
+        extra_loss = extra_loss + ops.sum(ops.cast(loss, "float32"))
+    terms = model.compute_tap_losses(
+        x, y, taps, sample_weight=sample_weight, training=training
+    )
+    step = optimizer_step(model)
+    weights = model.tap_weights(step)
+    tap_loss = zero
+    for tap_name, term in terms.items():
+        if tap_name not in weights:
             raise ValueError(
-                "`class_weight` must be a non-empty dict {class_index: "
-                f"weight}}; received {class_weight!r}."
+                f"`compute_tap_losses` returned a term for {tap_name!r}, "
+                f"which is not a tap of the model; its taps are "
+                f"{list(model.tap_names)}."
             )
-        sample_weight = kwargs.pop("sample_weight", None)
-        if y is None:
-            dataset_fn = trainers.get().with_class_weight
-            return dataset_fn(self, x, class_weight), None, kwargs
-        pred_y, tap_y = self.split_targets(y)
-        if pred_y is None:
-            raise ValueError(
-                "`class_weight` applies to the predictions, but y has no "
-                f"'predictions' key (keys: {sorted(y)})."
+        tap_loss = tap_loss + weights[tap_name] * ops.cast(term, "float32")
+    total = predictions_loss + extra_loss + tap_loss
+    return LossTerms(
+        predictions_loss, extra_loss, terms, weights, tap_loss, total, step
+    )
+
+
+def compiled_loss(model, y, predictions, sample_weight):
+    """The loss given to `compile`, on the predictions alone, as Keras
+    computes it (scaled for distribution by Keras's `Loss` objects).
+
+    Keras keeps it in the model's `_compile_loss`; no public accessor
+    computes it without adding `model.losses`.
+    """
+    return ops.cast(
+        model._compile_loss(y, predictions, sample_weight), "float32"
+    )
+
+
+def tap_outputs(model, x, y, taps, sample_weight=None, training=False):
+    """`{tap_name: TapOutput}` for every tap with a loss or metrics: the
+    target (`y[tap_name]`, the prediction target or the teacher's output)
+    and the activation after the tap's adapter."""
+    pred_y, tap_y = model.split_targets(y)
+    pred_sw, tap_sw = model.split_weights(sample_weight, y)
+    specs = [
+        (n, t) for n, t in model.taps.items() if t.loss is not None or t.metrics
+    ]
+    teacher = {}
+    if any(t.teacher is not None for _, t in specs):
+        teacher = model.teacher_taps(x)
+    outputs = {}
+    for tap_name, tap in specs:
+        output = taps[tap_name]
+        if tap.adapter is not None:
+            output = tap.adapter(output, training=training)
+        if tap.teacher is not None:
+            target = teacher[tap_name]
+            source = f"the teacher layer {tap.teacher_path!r}"
+        elif tap.target == PREDICTIONS:
+            target = pred_y
+            source = "y['predictions']" if model.is_dict_form(y) else "y"
+        else:
+            target = model.data_target(tap_name, y, tap_y)
+            source = f"y[{tap_name!r}]"
+        weight = tap_sw.get(tap_name, pred_sw)
+        outputs[tap_name] = TapOutput(target, output, weight, source)
+    return outputs
+
+
+def tap_terms(model, x, y, taps, sample_weight=None, training=False):
+    """The unweighted tap terms (`TapModel.compute_tap_losses`)."""
+    outputs = tap_outputs(model, x, y, taps, sample_weight, training)
+    terms = TapTerms(outputs=outputs)
+    for tap_name, tap in model.taps.items():
+        if not tap.has_terms:
+            continue
+        term = ops.zeros((), dtype="float32")
+        if tap.loss is not None:
+            term = term + tap_loss_value(
+                tap_name, tap, outputs[tap_name], adapter=tap.adapter
             )
-        pred_w, tap_w = self.split_weights(sample_weight, y)
-        weights = class_weights_for(np.asarray(pred_y), class_weight)
-        ones = np.ones_like(weights)
-        new_y = {PREDICTIONS: pred_y, **tap_y}
-        new_w = {PREDICTIONS: weights}
-        if pred_w is not None:
-            new_w[PREDICTIONS] = weights * np.asarray(pred_w, "float32")
-        for name in self.tap_weight_keys(tap_y):
-            if name not in tap_y:
-                new_y[name] = np.zeros_like(weights)
-            given = tap_w.get(name, pred_w)
-            new_w[name] = ones if given is None else np.asarray(given)
-        kwargs["sample_weight"] = new_w
-        return x, new_y, kwargs
+        if tap.regularizer is not None:
+            term = term + regularizer_term(tap.regularizer, taps[tap_name])
+        terms[tap_name] = term
+    return terms
 
-    def tap_weight_keys(self, tap_targets):
-        """Keys of the sample-weight dict that `class_weight` builds: the
-        taps keyed in `y`, then the taps whose target is not in `y`."""
-        keys = list(tap_targets)
-        for name, tap in self.taps.items():
-            elsewhere = tap.teacher is not None or tap.target == PREDICTIONS
-            if elsewhere and name not in keys:
-                keys.append(name)
-        return keys
 
-    def run_guarded(self, method, *args, **kwargs):
-        """Run `fit`/`evaluate`, turning a non-finite tap loss into an error
-        that names the tap, the step and the value."""
-        try:
-            return method(*args, **kwargs)
-        except Exception as e:
-            error = trainers.get().nonfinite_error(e)
-            if error is not None:
-                raise error from None
+def tap_loss_value(tap_name, tap, tap_output, adapter=None):
+    """A tap's loss as a float32 scalar over this replica's batch, in
+    one-device units.
+
+    Raises:
+        ValueError: when the loss fails on the shapes of the target and
+            the activation (both named, with where the target came from),
+            or does not reduce to a scalar.
+    """
+    loss = tap.loss
+    target, output, weight, source = tap_output
+    try:
+        value = loss(target, output, sample_weight=weight)
+        scaled = keras_scales(loss, target, output, weight)
+    except (ValueError, TypeError, *trainers.get().SHAPE_ERRORS) as error:
+        target_shape = tuple(getattr(target, "shape", ()))
+        output_shape = tuple(output.shape)
+        if target_shape == output_shape:
             raise
-
-
-def class_indices(pred_y):
-    """Class index per sample: sparse labels, or argmax of one-hot rows."""
-    if pred_y.ndim >= 2 and pred_y.shape[-1] > 1:
-        return np.argmax(pred_y, axis=-1).reshape(-1)
-    return np.asarray(pred_y).reshape(pred_y.shape[0], -1)[:, 0].astype(int)
-
-
-def class_weights_for(pred_y, class_weight):
-    indices = class_indices(pred_y)
-    missing = sorted(set(np.unique(indices).tolist()) - set(class_weight))
-    if missing:
+        after = " after its adapter" if adapter is not None else ""
         raise ValueError(
-            f"`class_weight` has no weight for the classes {missing} found in "
-            f"the prediction target; it has keys {sorted(class_weight)}."
+            f"Tap {tap_name!r}: its target {source} has shape "
+            f"{target_shape} but the activation{after} has shape "
+            f"{output_shape}, and the tap's loss "
+            f"{getattr(loss, 'name', loss)!r} cannot compare them. Give "
+            f"{source} the activation's shape, or add an `adapter=` that "
+            "maps the activation to the target's shape."
+        ) from error
+    if tuple(value.shape) != ():
+        raise ValueError(
+            f"Tap {tap_name!r}: its loss returned shape "
+            f"{tuple(value.shape)}; a tap loss must reduce to a scalar "
+            "(use reduction='sum_over_batch_size')."
         )
-    table = np.zeros(max(max(class_weight), indices.max()) + 1, "float32")
-    for key, value in class_weight.items():
-        table[int(key)] = value
-    return table[indices]
+    value = ops.cast(value, "float32")
+    if scaled:
+        value = trainers.get().unscale_for_replicas(value)
+    return value
+
+
+def keras_scales(loss, target, output, sample_weight=None):
+    """Whether Keras divided `loss(target, output)` by the number of
+    replicas.
+
+    A `keras.losses.Loss` scales its reduction for distribution, but
+    returns a value that is already a scalar as it is (once weighted by
+    `sample_weight`).
+    """
+    if not isinstance(loss, keras.losses.Loss):
+        return False
+    if loss.reduction not in _SCALED_REDUCTIONS:
+        return False
+    if getattr(loss, "call_returns", None) == "per_sample":
+        return True
+    if sample_weight is not None and len(ops.shape(sample_weight)) > 0:
+        return True
+    rank = trainers.get().call_rank(
+        loss, _static_shape(target), _static_shape(output)
+    )
+    if rank is None:  # read it from a call here (a compiled step prunes it)
+        values = loss.call(
+            ops.convert_to_tensor(target, dtype=loss.dtype),
+            ops.convert_to_tensor(output, dtype=loss.dtype),
+        )
+        rank = len(values.shape)
+    return rank > 0
+
+
+def _static_shape(x):
+    if not hasattr(x, "shape"):
+        x = ops.convert_to_tensor(x)
+    return tuple(x.shape)
+
+
+def regularizer_term(regularizer, activation):
+    """A tap's regularizer term as a float32 batch mean."""
+    activation = ops.cast(activation, "float32")
+    value = ops.cast(regularizer(activation), "float32")
+    if sums_over_batch(regularizer):
+        value = value / ops.cast(ops.shape(activation)[0], "float32")
+    return value
+
+
+def sums_over_batch(regularizer):
+    """Whether a regularizer's value is a sum over the batch: a Keras
+    `Regularizer` that does not declare `reduction = "batch_mean"`."""
+    if not isinstance(regularizer, keras.regularizers.Regularizer):
+        return False
+    return getattr(regularizer, "reduction", "batch_sum") != "batch_mean"
 
 
 def named_metric(metric, tap_name):
@@ -181,59 +277,14 @@ def named_metric(metric, tap_name):
     return type(metric).from_config(config)
 
 
-def regularizer_term(regularizer, activation):
-    """A tap's regularizer term as a float32 batch mean.
-
-    A Keras `Regularizer` sums over the batch, so its value is divided by the
-    batch size; `kt.regularizers` (and subclasses of them) are batch means
-    already, and a plain function is used as it is.
-    """
-    activation = ops.cast(activation, "float32")
-    value = ops.cast(regularizer(activation), "float32")
-    if _sums_over_batch(regularizer):
-        value = value / ops.cast(ops.shape(activation)[0], "float32")
-    return value
-
-
-def _sums_over_batch(regularizer):
-    if not isinstance(regularizer, keras.regularizers.Regularizer):
-        return False
-    kt_module = tap_regularizers.__name__
-    return not any(c.__module__ == kt_module for c in type(regularizer).mro())
-
-
 def optimizer_step(model):
     """The step that tap weights are evaluated at: `optimizer.iterations`
     before the update (0 before the model is compiled)."""
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None:
         return ops.zeros((), dtype="int64")
-    return optimizer.iterations
-
-
-def jit_compiled(model):
-    """Whether the model's steps are XLA-compiled."""
-    try:
-        return bool(model.jit_compile)
-    except AttributeError:
-        return False
-
-
-def tap_loss_value(tap_name, loss, target, activation, sample_weight):
-    """A tap's loss as a float32 scalar over this replica's batch."""
-    value = loss(target, activation, sample_weight=sample_weight)
-    if tuple(value.shape) != ():
-        raise ValueError(
-            f"Tap {tap_name!r}: its loss returned shape "
-            f"{tuple(value.shape)}; a tap loss must reduce to a scalar "
-            "(use reduction='sum_over_batch_size')."
-        )
-    value = ops.cast(value, "float32")
-    if getattr(loss, "reduction", None) in _SCALED_REDUCTIONS:
-        # Keras `Loss` objects divide by the number of replicas: undo it
-        # here, the caller scales every term alike.
-        value = trainers.get().unscale_for_replicas(value)
-    return value
+    # Its value now: the step's metrics run after the update.
+    return ops.copy(optimizer.iterations)
 
 
 def check_teacher_shape(tap_name, tap, shape, teacher_shape):
@@ -253,31 +304,7 @@ def check_teacher_shape(tap_name, tap, shape, teacher_shape):
     raise ValueError(
         f"Tap {tap_name!r}: the student activation "
         f"{'after its adapter ' if tap.adapter else ''}has shape {got} but "
-        f"the teacher layer {tap.teacher!r} gives {expected}, and the tap's "
-        "loss cannot compare them. Add an `adapter=` (e.g. a 1x1 Conv2D or "
-        "Dense) that maps the student's shape to the teacher's."
+        f"the teacher layer {tap.teacher_path!r} gives {expected}, and the "
+        "tap's loss cannot compare them. Add an `adapter=` (e.g. a 1x1 "
+        "Conv2D or Dense) that maps the student's shape to the teacher's."
     )
-
-
-class StopOnNonFinite(keras.callbacks.Callback):
-    """Stops `fit` when a logged loss is not finite.
-
-    Under `jit_compile=True` the step skips the update of a non-finite loss
-    (XLA drops the assertion that stops it otherwise); this turns that step
-    into an error naming the tap, the step and the value.
-    """
-
-    def on_train_batch_end(self, batch, logs=None):
-        logs = logs or {}
-        names = [f"{n}_loss" for n in self.model.tap_names]
-        for key in names + ["predictions_loss", "loss"]:
-            if key in logs and not math.isfinite(float(logs[key])):
-                step = int(self.model.optimizer.iterations)
-                what = (
-                    "the prediction loss"
-                    if key in ("predictions_loss", "loss")
-                    else f"tap {key[: -len('_loss')]!r}"
-                )
-                detail = f"{what} at step {step}: its loss is {logs[key]}"
-                message = trainers.get().nonfinite_message(detail)
-                raise FloatingPointError(message)

@@ -1,11 +1,16 @@
-"""TensorFlow specifics: distribution scaling and the non-finite guard."""
+"""The TensorFlow trainer of `kt.TapModel`: `train_step` and `test_step`,
+and what is TensorFlow's own: distribution scaling, the non-finite guard,
+class weights on a `tf.data.Dataset`."""
 
 import re
+import weakref
 
 import keras
 import tensorflow as tf
 
 NONFINITE_MARKER = "keras_tap non-finite tap loss"
+# Errors a loss raises on shapes it cannot compare, when run eagerly.
+SHAPE_ERRORS = (tf.errors.InvalidArgumentError,)
 
 
 def num_replicas():
@@ -41,8 +46,8 @@ def guard_finite(values, terms, step, jit_compile):
     check, so every gradient, and with them the optimizer's update, runs
     only once the check passed: a non-finite tap loss stops training with
     the weights of the last good step (`nonfinite_error` words the error).
-    XLA drops assertions: under `jit_compile=True`, `train_step_jit` skips
-    the update instead.
+    XLA drops assertions: under `jit_compile=True`, `train_step` skips the
+    update instead.
 
     Returns:
         `values` (a tuple of tensors), guarded.
@@ -74,6 +79,31 @@ def guard_finite(values, terms, step, jit_compile):
             return tf.identity(value), grad
 
     return tuple(guarded(value) for value in values)
+
+
+_CALL_RANKS = weakref.WeakKeyDictionary()
+
+
+def call_rank(loss, target_shape, shape):
+    """The rank of what `loss.call` returns for these shapes, from a trace
+    of its own (cached): none of its ops runs in the step.
+
+    Returns:
+        The rank, or `None` when the call does not trace on its own.
+    """
+    key = (tuple(target_shape), tuple(shape))
+    ranks = _CALL_RANKS.setdefault(loss, {})
+    if key not in ranks:
+        function = tf.function(lambda t, a: loss.call(t, a), autograph=False)
+        try:
+            concrete = function.get_concrete_function(
+                tf.TensorSpec(target_shape, loss.dtype),
+                tf.TensorSpec(shape, loss.dtype),
+            )
+            ranks[key] = len(concrete.structured_outputs.shape)
+        except (ValueError, TypeError, AttributeError, tf.errors.OpError):
+            ranks[key] = None
+    return ranks[key]
 
 
 def loss_accepts(loss, target_shape, shape):
@@ -121,32 +151,72 @@ def nonfinite_message(detail):
     )
 
 
-def train_step_jit(model, data):
-    """Keras's training step, skipping the update when the loss is not
-    finite: the XLA stand-in for `guard_finite`'s check. The logged
-    non-finite values then stop `fit` (`training_utils.StopOnNonFinite`)
-    with the weights of the last good step. With `steps_per_execution > 1`
-    the check runs once per execution, after its remaining steps."""
+def train_step(model, data):
+    """One training step of a `kt.TapModel` on TensorFlow.
+
+    One forward pass, the loss terms (`model.compute_loss_terms`), the
+    gradient of their total, scaled for distribution and by the
+    optimizer (`optimizer.scale_loss`), the update, then every metric in
+    one place (`model.compute_metrics`).
+
+    A non-finite tap term stops training before the update: the gradients
+    wait for a finiteness check (`guard_finite`). XLA drops that
+    assertion, so under `jit_compile=True` the step skips the update of a
+    non-finite loss instead, and the logged values stop `fit`
+    (`StopOnNonFinite`) with the weights of the last good step; with
+    `steps_per_execution > 1` the stop comes after the execution's
+    remaining steps, which skip their updates alike.
+    """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    jit_compile = bool(getattr(model, "jit_compile", False))
     with tf.GradientTape() as tape:
         y_pred = model(x, training=True)
-        loss = model.compute_loss(
+        losses = model.compute_loss_terms(
             x, y, y_pred, sample_weight=sample_weight, training=True
         )
-        scaled = model.optimizer.scale_loss(loss)
-    batch = tf.shape(tf.nest.flatten(x)[0])[0]
-    for metric in model.metrics:
-        if metric.name == "loss":
-            metric.update_state(unscale_for_replicas(loss), batch)
-    variables = model.trainable_variables
-    gradients = tape.gradient(scaled, variables)
+        (loss,) = guard_finite(
+            (scale_for_replicas(losses.total),),
+            losses.tap_terms,
+            losses.step,
+            jit_compile,
+        )
+        if model.optimizer is not None:
+            loss = model.optimizer.scale_loss(loss)
+    variables = model.trainable_weights
+    if variables:
+        gradients = tape.gradient(loss, variables)
 
-    def apply():
-        model.optimizer.apply_gradients(zip(gradients, variables))
-        return tf.constant(True)
+        def apply():
+            model.optimizer.apply_gradients(zip(gradients, variables))
+            return tf.constant(True)
 
-    tf.cond(tf.math.is_finite(loss), apply, lambda: tf.constant(False))
-    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if jit_compile:
+            tf.cond(
+                tf.math.is_finite(losses.total),
+                apply,
+                lambda: tf.constant(False),
+            )
+        else:
+            # The guarded loss waits for the check: so does every op of
+            # the update, `optimizer.iterations` included.
+            with tf.control_dependencies([loss]):
+                apply()
+    return model.compute_metrics(
+        x, y, y_pred, sample_weight, losses=losses, training=True
+    )
+
+
+def test_step(model, data):
+    """One evaluation step of a `kt.TapModel` on TensorFlow: one forward
+    pass with `training=False`, the loss terms, then every metric."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    y_pred = model(x, training=False)
+    losses = model.compute_loss_terms(
+        x, y, y_pred, sample_weight=sample_weight, training=False
+    )
+    return model.compute_metrics(
+        x, y, y_pred, sample_weight, losses=losses, training=False
+    )
 
 
 def with_class_weight(tap_model, dataset, class_weight):

@@ -1,0 +1,202 @@
+"""Points: one call of one layer or operation, and the value picked there.
+
+A `Point` is what a tap path resolves to: a layer (or operation) and the
+index of one of its calls, with the value's shape and, in a rebuilt graph,
+its tensor. A suffix picks another value at the same call: `":input"` (the
+first positional argument), `":input[i]"`, or one element of a structured
+output, `":output[i]"` / `":output[key]"` (`Point.select`).
+"""
+
+import keras
+
+INPUT, OUTPUT = "input", "output"
+
+
+class Point:
+    """One call of one layer (or operation): a tappable point.
+
+    Attributes:
+        path: the layer path, `/`-separated through nested models and
+            layers.
+        index: the 0-based call index of the layer within the traced model.
+        layer: the layer (or operation) object.
+        tensor: in a `GraphTrace`, the symbolic value of this point; `None`
+            for a point reached by watching (inside a layer, or in a
+            subclassed model).
+        shape: the value's shape (a tuple, or a structure of tuples).
+        args: the positional arguments of the call: tensors in a
+            `GraphTrace`, else their shapes.
+        anchor: for a watched point inside a graph layer, the graph tensor
+            of the enclosing layer call (the graph must compute it).
+        owner: the attention layer that must compute attention explicitly
+            for this point to run (a `MultiHeadAttention`'s softmax).
+        suffix: `""`, or the selector of the value (`":input"`,
+            `":output[1]"`).
+        pick: for a watched point with a suffix, `pick(args, outputs)`.
+    """
+
+    def __init__(self, path, index, layer, tensor=None, shape=None,
+                 args=None, anchor=None, owner=None):
+        self.path = path
+        self.index = index
+        self.layer = layer
+        self.tensor = tensor
+        self.shape = shape
+        self.args = args
+        self.anchor = anchor
+        self.owner = owner
+        self.suffix = ""
+        self.pick = None
+
+    @property
+    def call_name(self):
+        return f"{self.path}@{self.index}"
+
+    @property
+    def watched(self):
+        """Whether the point is reached by watching (no graph tensor)."""
+        return self.tensor is None
+
+    @property
+    def structured(self):
+        """Whether the value is a tuple, list or dict of tensors."""
+        return self.shape is not None and not is_shape(self.shape)
+
+    def element_suffixes(self):
+        """`[":output[0]", ...]` (or `":output[key]"`), one per element of
+        a structured value; `[]` for one tensor."""
+        return [suffix for suffix, _ in _elements(self.shape)]
+
+    def select(self, kind, key=None, written=None):
+        """A copy of this point for the suffix `:input[key]` or
+        `:output[key]` (`key` `None`: `:input`, the first input, or
+        `:output`, the whole output).
+
+        Raises:
+            ValueError: when the point has no such input or element.
+        """
+        written = written or self.path
+        if kind == OUTPUT and key is None:
+            return self
+        if kind == INPUT:
+            key = 0 if key is None else key
+            if self.args is None:
+                raise ValueError(
+                    f"Tap {written!r}: the inputs of '{self.path}' are not "
+                    "known (it never ran in the traced call)."
+                )
+            if not isinstance(key, int) or key >= len(self.args):
+                raise ValueError(
+                    f"Tap {written!r}: '{self.path}' is called with "
+                    f"{len(self.args)} positional input(s), so it has no "
+                    f"input {key!r}. Valid suffixes: "
+                    f"{_input_suffixes(len(self.args))}."
+                )
+            value = self.args[key]
+            if self.watched:
+                shape, tensor = value, None
+            else:
+                leaves = keras.tree.flatten(value)
+                if not leaves or not all(
+                    isinstance(t, keras.KerasTensor) for t in leaves
+                ):
+                    raise ValueError(
+                        f"Tap {written!r}: input {key} of '{self.path}' is "
+                        f"not a tensor (received {value!r})."
+                    )
+                shape, tensor = shape_of(value), value
+            suffix = ":input" if key == 0 else f":input[{key}]"
+        else:
+            if self.structured is False:
+                raise ValueError(
+                    f"Tap {written!r}: '{self.path}' has one output (a "
+                    f"single tensor), so it has no ':output[{key}]'. Write "
+                    "the bare path."
+                )
+            valid = [suffix for suffix, _ in _elements(self.shape, depth=1)]
+            suffix = f":output[{key}]"
+            if suffix not in valid:
+                raise ValueError(
+                    f"Tap {written!r}: the output of '{self.path}' has no "
+                    f"element {key!r}. Valid suffixes: {valid}."
+                )
+            shape = self.shape[key]
+            tensor = None if self.watched else self.tensor[key]
+        point = Point(self.path, self.index, self.layer, tensor, shape,
+                      None, self.anchor, self.owner)
+        point.suffix = suffix
+        if self.watched:
+            point.tensor = None
+            point.pick = _picker(kind, key)
+        return point
+
+    def __repr__(self):
+        return (
+            f"Point({self.call_name}{self.suffix}, "
+            f"{type(self.layer).__name__})"
+        )
+
+
+class Calls(list):
+    """The points of one path (a list), and the layer at that path."""
+
+    def __init__(self, layer, points=()):
+        super().__init__(points)
+        self.layer = layer
+
+
+def _picker(kind, key):
+    if kind == INPUT:
+        return lambda args, outputs: args[key]
+    return lambda args, outputs: outputs[key]
+
+
+def _input_suffixes(count):
+    return [":input"] + [f":input[{i}]" for i in range(1, count)]
+
+
+def is_shape(shape):
+    """Whether `shape` is one tensor's shape (a tuple of ints and Nones)."""
+    return isinstance(shape, tuple) and all(
+        d is None or isinstance(d, int) for d in shape
+    )
+
+
+def _elements(shape, depth=None):
+    """`[(":output[i]" or ":output[key]", shape), ...]` for a structured
+    shape, nested structures flattened (`":output[0][1]"`)."""
+    if is_shape(shape) or shape is None:
+        return []
+    items = shape.items() if isinstance(shape, dict) else enumerate(shape)
+    found = []
+    for key, inner in items:
+        suffix = f":output[{key}]"
+        if depth == 1 or is_shape(inner) or inner is None:
+            found.append((suffix, inner))
+        else:
+            found.extend(
+                (suffix + rest[len(":output"):], s)
+                for rest, s in _elements(inner)
+            )
+    return found
+
+
+def flatten_elements(value):
+    """`[(":output[i]", tensor), ...]` for a structured value, as
+    `Point.element_suffixes` names them; `[("", value)]` for a tensor."""
+    if not isinstance(value, (list, tuple, dict)):
+        return [("", value)]
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    found = []
+    for key, inner in items:
+        for rest, leaf in flatten_elements(inner):
+            tail = rest[len(":output"):] if rest else ""
+            found.append((f":output[{key}]{tail}", leaf))
+    return found
+
+
+def shape_of(value):
+    """The shape of each tensor in `value` (a tuple), `None` elsewhere."""
+    return keras.tree.map_structure(
+        lambda t: tuple(t.shape) if hasattr(t, "shape") else None, value
+    )
