@@ -142,8 +142,32 @@ def test_train_prints_where_its_outputs_went(tmp_path, capsys, monkeypatch):
     assert "runs/digits/history.csv, runs/digits/history.json" in out
     assert "tensorboard --logdir runs/digits/logs" in out
     assert "runs/digits/history.png" in out
-    assert lines[-1].startswith("held-out metrics after 1 epochs: ")
-    assert " loss " in lines[-1] and "predictions_loss" in lines[-1]
+    summary = out[out.index("held-out metrics after 1 epochs:"):]
+    assert " loss " in summary and "predictions_loss" in summary
+    assert max(len(line) for line in lines) <= 120
+
+
+def test_train_progress_fits_120_columns(tmp_path, capsys, monkeypatch):
+    """The main job's progress: each epoch's loss terms and metrics, then
+    its validation values, in lines of at most 120 columns; the tap
+    statistics stay out of it (they go to History)."""
+    monkeypatch.chdir(tmp_path)
+    quick = ["data.limit=128", "fit.epochs=2", "run.plots=false"]
+    code, out, err = run_cli("train", DIGITS, *sets(*quick), capsys=capsys)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 120, lines
+    epochs = [i for i, line in enumerate(lines) if line.startswith("epoch ")]
+    assert [lines[i].split()[1] for i in epochs] == ["1/2", "2/2"]
+    block = "\n".join(lines[epochs[1]:])
+    for key in ("loss", "predictions_loss", "sparse_conv2_loss",
+                "early_head_loss", "early_head_accuracy", "accuracy"):
+        assert f" {key} " in block, key
+    assert "  val:  loss " in block
+    assert "sparse_conv2_mean" not in out and "dead_channels" not in out
+    history = yaml.safe_load((tmp_path / "runs" / "digits" /
+                              "history.json").read_text())
+    assert len(history["sparse_conv2_mean"]) == 2  # statistics: in History
 
 
 def test_train_refuses_a_non_empty_run_directory(tmp_path, capsys):

@@ -360,3 +360,25 @@ def test_invalid_arguments(convnet, images, tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
         tap_model.extract(data, verbose=0, **kwargs)
     assert os.listdir(tmp_path) == []
+
+
+def test_structured_tap_streams_every_element(tmp_path):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3, 4))
+    mha = keras.layers.MultiHeadAttention(2, 2, name="mha")
+    out, scores = mha(inputs, inputs, return_attention_scores=True)
+    model = keras.Model(inputs, keras.layers.Flatten(name="flat")(out))
+    tap_model = kt.TapModel(model, "mha")
+    x = np.random.default_rng(0).normal(size=(5, 3, 4)).astype("float32")
+    path = tap_model.extract(
+        x, batch_size=2, to=tmp_path / "f.npz", verbose=0
+    )
+    with np.load(path) as saved:
+        assert sorted(saved.files) == ["mha:output[0]", "mha:output[1]"]
+        reference_out, reference_scores = mha(
+            x, x, return_attention_scores=True
+        )
+        np.testing.assert_allclose(saved["mha:output[0]"], reference_out,
+                                   atol=1e-5)
+        np.testing.assert_allclose(saved["mha:output[1]"], reference_scores,
+                                   atol=1e-6)

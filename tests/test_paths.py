@@ -312,3 +312,20 @@ def test_pattern_on_vgg16_skips_predictions():
     assert "predictions" not in tap_model.tap_names
     assert tap_model.tap_names[-1] == "fc2"
     assert len(tap_model.tap_names) == len(vgg.layers) - 2
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("mha", ("mha", None, None)),
+        ("mha:output[1]", ("mha", "output", 1)),
+        ("enc@1:input", ("enc@1", "input", None)),
+        ("add:input[0]", ("add", "input", 0)),
+        ("split:output[high]", ("split", "output", "high")),
+        ("split:output['high']", ("split", "output", "high")),
+        ("a/b:output", ("a/b", "output", None)),
+        ("weird:name", ("weird:name", None, None)),
+    ],
+)
+def test_split_suffix(spec, expected):
+    assert paths.split_suffix(spec) == expected

@@ -25,7 +25,20 @@ def train(args):
     # A multi-worker strategy must exist before any other TensorFlow op.
     distribute.prepare(args.config, args.overrides)
     cfg = config_lib.load(args.config, args.overrides)
-    run = training.train(cfg, resume=args.resume, overwrite=args.overwrite)
+    extra, verbose = [], None
+    if cfg.fit.verbose in ("auto", 1):
+        # Keras's progress bar puts every value on one line: show each
+        # epoch in lines of at most 120 columns instead.
+        from keras_tap.runs.progress import EpochProgress
+
+        extra, verbose = [EpochProgress()], 0
+    run = training.train(
+        cfg,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        verbose=verbose,
+        callbacks=extra,
+    )
     if not run.files:
         task = distribute.read_task()
         print(
@@ -58,7 +71,10 @@ def train(args):
     held_out = any(key.startswith("val_") for key in run.history)
     kind = "held-out" if held_out else "training"
     values = [f"{k} {v:.4f}" for k, v in run.metrics.items() if v is not None]
-    print(f"{kind} metrics after {epochs} epochs: {', '.join(values)}")
+    from keras_tap.runs.progress import MAX_COLUMNS, wrap
+
+    head = f"{kind} metrics after {epochs} epochs:"
+    print("\n".join(wrap(head, values, MAX_COLUMNS)))
 
 
 def validate(args):

@@ -94,7 +94,9 @@ class Run:
     initial_epoch: int = 0
 
 
-def train(config, *, resume=False, overwrite=False, verbose=None):
+def train(
+    config, *, resume=False, overwrite=False, verbose=None, callbacks=None
+):
     """Builds the config's `TapModel`, trains it and writes a run directory.
 
     The config's `distribution` section picks where it trains. Under
@@ -110,6 +112,7 @@ def train(config, *, resume=False, overwrite=False, verbose=None):
             checkpoint (start it when there is none).
         overwrite: delete a previous run in `config.run.dir` first.
         verbose: `fit`'s verbosity; defaults to `config.fit.verbose`.
+        callbacks: further callbacks for `fit`, after the config's.
 
     Returns:
         A `Run`. On a worker other than the chief, `files` is empty.
@@ -124,12 +127,16 @@ def train(config, *, resume=False, overwrite=False, verbose=None):
     strategy = distribute.strategy(cfg.distribution)
     placement = distribute.Placement(cfg.run.dir, cfg.distribution)
     try:
-        return _train(cfg, placement, strategy, resume, overwrite, verbose)
+        return _train(
+            cfg, placement, strategy, resume, overwrite, verbose, callbacks
+        )
     finally:
         placement.close()
 
 
-def _train(cfg, placement, strategy, resume, overwrite, verbose):
+def _train(
+    cfg, placement, strategy, resume, overwrite, verbose, extra_callbacks
+):
     target, run_dir = Path(cfg.run.dir), placement.run_dir
     backup_epoch = placement.backup_epoch()
     continuing = backup_epoch > 0
@@ -170,7 +177,8 @@ def _train(cfg, placement, strategy, resume, overwrite, verbose):
     )
     recorder = runs.Recorder(run_dir, history, cfg.run.keep_checkpoints)
     # The backup comes last: it marks an epoch done once it is recorded.
-    callbacks = build_callbacks(cfg, run_dir=run_dir) + [recorder]
+    callbacks = build_callbacks(cfg, run_dir=run_dir)
+    callbacks += list(extra_callbacks or []) + [recorder]
     callbacks += placement.callbacks()
     if initial_epoch < epochs:
         dataset = data_lib.training_dataset(

@@ -68,7 +68,11 @@ def split_suffix(spec):
 
 
 class LayerIndex:
-    """Every tappable point of a model, in graph order.
+    """Every tappable point of a model, in call order.
+
+    Points are layer calls of the (rebuilt) graph, operations of
+    Functional graphs, and the calls of layers held inside layers and
+    subclassed models, at any depth.
 
     Args:
         model: a built Keras model (Functional, Sequential or subclassed).
@@ -245,16 +249,20 @@ class LayerIndex:
         """Resolve one tap spec into `[(name, Point), ...]`.
 
         Args:
-            spec: a layer path, `path@i`, `re:pattern` or a `Layer`.
+            spec: a layer path (segments may leave out a generated `_N`
+                suffix where the rest is unique), `path@i`, either with a
+                suffix (`":input"`, `":input[i]"`, `":output[i]"`,
+                `":output[key]"`), `re:pattern` or a `Layer`.
 
         Returns:
             The points it addresses, each with the name a list-spec tap
             gets (the path verbatim, or `path@i` for expanded calls).
 
         Raises:
-            ValueError: for a path that matches nothing, an out-of-range call
-                index, a bare name of a shared layer, or an empty pattern
-                match.
+            ValueError: for a path that matches nothing (naming the segment
+                and its parent's sublayers), an out-of-range call index, a
+                bare name of a shared layer, a suffix the point does not
+                have, or an empty pattern match.
         """
         if isinstance(spec, keras.layers.Layer):
             return self._resolve_layer(spec)
