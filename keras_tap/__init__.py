@@ -34,6 +34,9 @@ _EXPORTS = {
     "callbacks": ("keras_tap.inspect.callbacks", None),
     "plot": ("keras_tap.inspect.plot", None),
     "config": ("keras_tap.runs.config", None),
+    "attribution": ("keras_tap.taps.attribution", None),
+    "edit": ("keras_tap.taps.edit", "edit"),
+    "edits": ("keras_tap.taps.edit", None),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -9,8 +9,14 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="tf.distribute.MirroredStrategy is TensorFlow's own",
+)
 
 SCRIPT = textwrap.dedent(
     """

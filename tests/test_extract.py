@@ -246,6 +246,10 @@ def test_verbose_zero_prints_nothing(convnet, images, capsys):
 # -- reuse and pruning --------------------------------------------------------
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="tf.function tracing is TensorFlow's own",
+)
 def test_extractor_is_reused_without_retracing(convnet, images):
     tap_model = kt.TapModel(convnet, ["conv", "pool"])
     tap_model.extract(images, batch_size=5, verbose=0)

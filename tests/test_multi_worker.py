@@ -10,9 +10,16 @@ import sys
 import textwrap
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import workers
+
+# The worker processes run `tf.distribute.MultiWorkerMirroredStrategy`.
+TF_ONLY = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="tf.distribute strategies are TensorFlow's own",
+)
 
 # Common to the one-device run and the workers: data, models, training.
 TRAIN = textwrap.dedent(
@@ -239,6 +246,7 @@ def _weights(results):
     return [found[str(i)] for i in range(len(found))]
 
 
+@TF_ONLY
 def test_two_workers_train_to_the_weights_of_one_device(trained):
     single = _weights(trained["single"])
     assert len(single) == 8
@@ -252,6 +260,7 @@ def test_two_workers_train_to_the_weights_of_one_device(trained):
         assert not np.allclose(init["arr_0"], single[0], atol=1e-3)
 
 
+@TF_ONLY
 def test_two_workers_log_the_losses_of_one_device(trained):
     single = _part(trained["single"], "log/")
     expected = {
@@ -272,6 +281,7 @@ def test_two_workers_log_the_losses_of_one_device(trained):
             )
 
 
+@TF_ONLY
 def test_two_workers_evaluate_and_predict_as_one_device(trained):
     for part in ("eval/", "predict/"):
         single = _part(trained["single"], part)
@@ -287,6 +297,7 @@ def test_two_workers_evaluate_and_predict_as_one_device(trained):
                 )
 
 
+@TF_ONLY
 def test_keras_multi_worker_defects_still_reproduce(tmp_path):
     """The workarounds in `multi_worker.py` stand for these two defects of
     Keras's TensorFlow trainer; this fails once Keras fixes either."""
@@ -376,6 +387,7 @@ def one_device_run(tmp_path_factory):
     return run_dir
 
 
+@TF_ONLY
 def test_keras_tap_train_on_two_workers_writes_one_run(
     tmp_path, one_device_run
 ):
@@ -398,6 +410,7 @@ def test_keras_tap_train_on_two_workers_writes_one_run(
     assert "worker_1" not in (run_dir / "config.yaml").read_text()
 
 
+@TF_ONLY
 def test_a_killed_worker_restarts_with_the_same_command(
     tmp_path, one_device_run
 ):
@@ -424,6 +437,7 @@ def test_a_killed_worker_restarts_with_the_same_command(
     assert not (run_dir / "backup").exists()
 
 
+@TF_ONLY
 def test_cross_replica_moments_equal_one_device(trained):
     single = trained["single"]
     for worker in (0, 1):
@@ -439,6 +453,7 @@ def test_cross_replica_moments_equal_one_device(trained):
     assert single["log/decov_loss"][0] > 1e-2
 
 
+@TF_ONLY
 def test_replica_moments_by_default_differ_from_one_device(trained):
     """Without `cross_replica`, each worker's DeCov sees its half of the
     batch (documented): on one device the two taps log the same value."""
@@ -616,6 +631,7 @@ def test_the_backup_epoch_is_read_from_keras_backup(tmp_path):
     assert callback.backup_dir == str(placement.backup_dir)
 
 
+@TF_ONLY
 def test_mirrored_config_trains_as_one_device(tmp_path):
     """`distribution: mirrored` (one CPU here) runs the same steps as no
     strategy, with its backup removed at the end."""

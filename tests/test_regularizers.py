@@ -122,6 +122,10 @@ def test_batch_mean_does_not_grow_with_batch(reg, reference):
         np.testing.assert_allclose(float(reg(doubled)), float(reg(x)), 1e-6)
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="tf.function tracing is TensorFlow's own",
+)
 @pytest.mark.parametrize("reg, reference", CASES, ids=IDS)
 def test_dynamic_shapes_in_tf_function(reg, reference):
     x = _input_for(reg, (4, 5, 5, 6))

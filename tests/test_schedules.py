@@ -78,6 +78,10 @@ def test_accepts_integer_tensors_and_variables(schedule, reference):
         )
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="tf.function tracing is TensorFlow's own",
+)
 @pytest.mark.parametrize("schedule, reference", CASES, ids=IDS)
 def test_one_trace_for_a_changing_step_variable(schedule, reference):
     traces = []
@@ -98,6 +102,10 @@ def test_one_trace_for_a_changing_step_variable(schedule, reference):
     )
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="tf.function tracing is TensorFlow's own",
+)
 def test_weight_changes_inside_one_trace():
     schedule = schedules.LinearWarmup(0.0, 1.0, steps=10)
     optimizer = keras.optimizers.SGD()

@@ -491,6 +491,10 @@ def _traced_functions(function):
     return found
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="tf.function tracing is TensorFlow's own",
+)
 @pytest.mark.parametrize(
     "schedule, values",
     [

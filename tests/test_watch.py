@@ -322,6 +322,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="tf.distribute strategies are TensorFlow's own",
+)
 def test_subclassed_base_under_mirrored_strategy():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run(

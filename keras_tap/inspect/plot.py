@@ -16,6 +16,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_tap.inspect.overlay import overlay  # noqa: F401
+
 _MISSING_MATPLOTLIB = 'kt.plot needs matplotlib: pip install "keras-tap[plot]"'
 _STATISTICS = ("mean", "std", "zero_fraction", "dead_channels")
 

@@ -343,6 +343,55 @@ def parser_of_commands():
         help="the output directory (default: RUN_DIR; needed with "
         "--features)",
     )
+    sub = command(
+        "gradcam",
+        "write Grad-CAM heatmaps of images, drawn over them, as PNGs",
+        "  keras-tap gradcam model.keras --tap backbone/out_relu "
+        "--images cat.jpg dog.png --out cams/\n"
+        "  keras-tap gradcam runs/digits --tap conv2 --images x.npy "
+        "--class 3 --out cams/\n",
+    )
+    sub.add_argument("model", metavar="MODEL_OR_CONFIG", help=_MODEL_OR_CONFIG)
+    sub.add_argument(
+        "--tap",
+        required=True,
+        metavar="PATH",
+        help="the layer path of a convolutional activation (batch, "
+        "*spatial, channels), e.g. the backbone's last convolution",
+    )
+    sub.add_argument(
+        "--images",
+        required=True,
+        nargs="+",
+        metavar="IMAGE",
+        help="image files (.png, .jpg, ...; resized to the model's input), "
+        "image directories, or .npy/.npz arrays of inputs",
+    )
+    sub.add_argument(
+        "--class",
+        dest="class_index",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the class to explain (default: each image's top class)",
+    )
+    sub.add_argument(
+        "--x-key",
+        default="x",
+        help="the array of inputs in an .npz file (default: %(default)s)",
+    )
+    sub.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=32,
+        help="images per forward pass (default: %(default)s)",
+    )
+    sub.add_argument(
+        "--out",
+        default="gradcam",
+        metavar="DIR",
+        help="the output directory (default: %(default)s)",
+    )
     return parser
 
 

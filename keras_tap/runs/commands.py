@@ -221,6 +221,84 @@ def plot(args):
         print(f"wrote {_rel(path)}")
 
 
+def gradcam(args):
+    """`keras-tap gradcam`: writes Grad-CAM overlays of images as PNGs."""
+    import numpy as np
+
+    import keras_tap as kt
+
+    model = _load_model(args.model, base_only=True)
+    images, names = _gradcam_images(args, model)
+    try:
+        tap_model = kt.TapModel(model, {"gradcam": args.tap})
+    except (ValueError, TypeError) as error:
+        raise ConfigError("--tap", config_lib.message_of(error)) from None
+    maps = []
+    for start in range(0, len(images), args.batch_size):
+        chunk = images[start:start + args.batch_size]
+        try:
+            maps.append(kt.attribution.grad_cam(
+                tap_model, chunk, "gradcam", class_index=args.class_index
+            ))
+        except ValueError as error:
+            message = config_lib.message_of(error)
+            raise ConfigError("--tap", message) from None
+    maps = np.concatenate(maps, axis=0)
+    shown = images if images.max() > 1.0 else images * 255.0
+    out = Path(args.out)
+    for name, image, heatmap in zip(names, shown, maps):
+        path = kt.plot.overlay(
+            np.clip(image, 0, 255), heatmap, out / f"{name}_gradcam.png"
+        )
+        print(f"wrote {_rel(path)}")
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+def _gradcam_images(args, model):
+    """`(images, names)`: image files resized to the model's input, and
+    the inputs in image directories and .npy/.npz files."""
+    import keras
+    import numpy as np
+
+    from keras_tap.runs import data
+
+    shape = tuple(getattr(model, "input_shape", None) or ())
+    if len(shape) != 4:
+        raise ConfigError(
+            "MODEL_OR_CONFIG",
+            f"gradcam needs a model of images (batch, H, W, C); its input "
+            f"shape is {shape or 'unknown'}",
+        )
+    size = shape[1:3] if None not in shape[1:3] else None
+    mode = {1: "grayscale", 4: "rgba"}.get(shape[3], "rgb")
+    arrays, names = [], []
+    for spec in args.images:
+        path = Path(spec)
+        if path.suffix.lower() in _IMAGE_SUFFIXES:
+            if not path.is_file():
+                raise ConfigError("--images", f"no such file: {spec!r}")
+            image = keras.utils.load_img(
+                path, target_size=size, color_mode=mode
+            )
+            arrays.append(keras.utils.img_to_array(image)[None])
+            names.append(path.stem)
+            continue
+        x = data.inputs(
+            spec, x_key=args.x_key, image_size=list(size) if size else None
+        )
+        arrays.append(np.asarray(x, "float32"))
+        names.extend(f"{path.stem}_{i}" for i in range(len(x)))
+    try:
+        images = np.concatenate(arrays, axis=0).astype("float32")
+    except ValueError as error:
+        raise ConfigError(
+            "--images", f"the images differ in shape: {error}"
+        ) from None
+    return images, names
+
+
 # ------------------------------------------------------------------ helpers
 
 

@@ -107,6 +107,10 @@ def _batches(data, batch_size):
             count = cardinality if cardinality >= 0 else None
         except (TypeError, ValueError):
             pass
+        if keras.backend.backend() != "tensorflow" and hasattr(
+            data, "as_numpy_iterator"
+        ):  # tf.data gives tf tensors: NumPy for JAX and PyTorch
+            data = data.as_numpy_iterator()
         return (_only_x(e, unpack) for e in data), count
     leaves = keras.tree.flatten(data)
     if not leaves or not all(hasattr(v, "shape") for v in leaves):

@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_tap.taps import forward, paths
+from keras_tap.taps import edit, forward, paths
 from keras_tap.taps.tap import resolve_taps
 
 
@@ -62,6 +62,7 @@ class FeatureModel(keras.Model):
         addresses = {n: t.layer for n, t, _ in entries}
         object.__setattr__(self, "_addresses", addresses)
         object.__setattr__(self, "_base", model)
+        edit.track(self, model)
         points = [p for _, _, p in entries]
         run = forward.build(
             index, points, self.tap_names, outputs=False, stop_early=True

@@ -103,6 +103,7 @@ class GraphForward(Forward):
         self.model = keras.Model(trace.inputs, flat)
 
     def __call__(self, inputs, training=None):
+        watch.begin_run()
         if self.watcher is None:
             values = self.model(inputs, training=training)
             recorded = {}
@@ -148,6 +149,7 @@ class WatchedForward(Forward):
         )
 
     def __call__(self, inputs, training=None):
+        watch.begin_run()
         predictions, recording = self.watcher.run(
             self.model, inputs, training=training
         )

@@ -29,6 +29,7 @@ from keras_tap.taps.points import (  # noqa: F401 - part of this API
     Point,
     flatten_elements,
     is_shape,
+    merge_shapes,
 )
 from keras_tap.taps.points import shape_of as _shape_of
 
@@ -436,22 +437,38 @@ def trace_calls(model, run=None):
         found = attention.softmax_owner(layer)
         if found is not None and id(found[1]) in by_id:
             owners[id(found[1])] = found[0]
-    if run is None:
-        inputs = input_spec_of(model)
-
-        def run():
-            return model(inputs)
-
     watcher = watch.Watcher(layers.values(), explicit=owners.values())
-    with watcher.watch() as recording:
-        result = run()
+    if run is None and keras.backend.backend() == "torch":
+        # Keras runs a symbolic call twice on PyTorch (batches 83, 89): run
+        # it twice on zeros here, and free the dimensions that differ.
+        recorded = [
+            _record(watcher, lambda: model(_zeros_like_spec(
+                input_spec_of(model), batch)))
+            for batch in (2, 3)
+        ]
+        result = None
+        first, second = recorded[0][0], recorded[1][0]
+        if [k for k, _, _ in first] == [k for k, _, _ in second]:
+            calls_list = [
+                (k, merge_shapes(s1, s2), merge_shapes(a1, a2))
+                for (k, s1, a1), (_, s2, a2) in zip(first, second)
+            ]
+        else:
+            calls_list = second
+    else:
+        if run is None:
+            inputs = input_spec_of(model)
+
+            def run():
+                return model(inputs)
+
+        calls_list, result = _record(watcher, run)
     points = {}
-    for (key, output), args in zip(recording.calls, recording.arguments):
+    for key, shape, args in calls_list:
         path = by_id[key]
         calls = points.setdefault(path, Calls(layers[path]))
         calls.append(
-            Point(path, len(calls), layers[path], None, _shape_of(output),
-                  args=tuple(_shape_of(a) for a in args),
+            Point(path, len(calls), layers[path], None, shape, args=args,
                   owner=owners.get(key))
         )
     # Layers that never ran in the traced call are still listed, with no
@@ -459,3 +476,25 @@ def trace_calls(model, run=None):
     for path, layer in layers.items():
         points.setdefault(path, Calls(layer))
     return points, result
+
+
+def _record(watcher, run):
+    """`([(layer key, output shape, argument shapes), ...], run())`."""
+    with watcher.watch() as recording, keras.StatelessScope():
+        result = run()
+    calls = [
+        (key, _shape_of(output), tuple(_shape_of(a) for a in args))
+        for (key, output), args in zip(recording.calls, recording.arguments)
+    ]
+    return calls, result
+
+
+def _zeros_like_spec(spec, batch):
+    """Zeros shaped like symbolic inputs, `batch` for a free dimension."""
+    return keras.tree.map_structure(
+        lambda t: keras.ops.zeros(
+            tuple(batch if d is None else d for d in t.shape), t.dtype
+        ),
+        spec,
+    )
+

@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_tap.inspect.statistics import StatisticsMixin
-from keras_tap.taps import forward, paths
+from keras_tap.taps import edit, forward, paths
 from keras_tap.taps.tap import Tap, resolve_taps
 from keras_tap.training import trainers
 from keras_tap.training.step import check_teacher_shape
@@ -62,6 +62,7 @@ class TapModel(StatisticsMixin, Trainer, keras.Model):
             paths.check_model(teacher)
         super().__init__(name=name or f"tap_{model.name}", **kwargs)
         self.base = model
+        edit.track(self, model)
         index = paths.LayerIndex(model)
         entries = self._resolve_taps(index, taps)
         self._tap_specs = [(n, t, p) for n, t, p in entries]
@@ -172,6 +173,48 @@ class TapModel(StatisticsMixin, Trainer, keras.Model):
             return {}
         _, values = self._teacher_forward(inputs, training=False)
         return {n: ops.stop_gradient(v) for n, v in values.items()}
+
+    # -- gradients -------------------------------------------------------------
+
+    def gradients(self, x, target=None, taps=None):
+        """Predictions, taps and the target's gradients at the taps.
+
+        One forward and one backward pass (inference mode): the target,
+        summed over the batch, is differentiated with respect to each
+        tapped activation.
+
+        Args:
+            x: a batch of inputs.
+            target: `None` (each sample's top predicted score), an integer
+                class index (last axis of the predictions), or a callable
+                `predictions -> per-sample scores`.
+            taps: names of this model's taps or further layer paths
+                (default: all taps).
+
+        Returns:
+            `(predictions, taps, grads)`: `taps` and `grads` are dicts
+            `{tap_name: tensor}`; `grads[name]` has the shape of
+            `taps[name]` (zeros where the target does not depend on it).
+
+        Raises:
+            ValueError: for an out-of-range class index, an integer or
+                `None` target on a model with several outputs, or a path
+                that matches nothing.
+
+        Example:
+
+        >>> import keras, numpy as np, keras_tap as kt
+        >>> inputs = keras.Input((4,))
+        >>> hidden = keras.layers.Dense(8, name="hidden")(inputs)
+        >>> model = keras.Model(inputs, keras.layers.Dense(2)(hidden))
+        >>> _, taps, grads = kt.TapModel(model, "hidden").gradients(
+        ...     np.ones((3, 4)), target=1)
+        >>> tuple(grads["hidden"].shape)
+        (3, 8)
+        """
+        from keras_tap.taps import attribution
+
+        return attribution.gradients(self, x, target=target, taps=taps)
 
     # -- extraction ------------------------------------------------------------
 

@@ -198,5 +198,30 @@ def flatten_elements(value):
 def shape_of(value):
     """The shape of each tensor in `value` (a tuple), `None` elsewhere."""
     return keras.tree.map_structure(
-        lambda t: tuple(t.shape) if hasattr(t, "shape") else None, value
+        lambda t: _plain_shape(t.shape) if hasattr(t, "shape") else None,
+        value,
     )
+
+
+def _plain_shape(shape):
+    """A shape of ints and `None`s: a symbolic dimension of JAX's shape
+    inference (a batch of unknown size) becomes `None`."""
+    return tuple(d if d is None or isinstance(d, int) else None
+                 for d in shape)
+
+
+def merge_shapes(first, second):
+    """Two runs' shapes, with the dimensions that differ set to `None`."""
+    if is_shape(first) and is_shape(second) and len(first) == len(second):
+        return tuple(a if a == b else None for a, b in zip(first, second))
+    if isinstance(first, dict) and isinstance(second, dict):
+        return {k: merge_shapes(v, second.get(k)) for k, v in first.items()}
+    if (
+        isinstance(first, (list, tuple))
+        and isinstance(second, (list, tuple))
+        and len(first) == len(second)
+    ):
+        return type(first)(
+            merge_shapes(a, b) for a, b in zip(first, second)
+        )
+    return first

@@ -42,6 +42,14 @@ def _hook(layer, original):
     @functools.wraps(original)
     def call(*args, **kwargs):
         active = _ACTIVE.get()
+        # Edits (`kt.edit`) change the call's inputs and outputs, in the
+        # order their blocks were entered, before any recording sees them.
+        edits = [
+            (r, None) for r in active if r.edits and key in r.watcher.keys
+        ]
+        for i, (editing, _) in enumerate(edits):
+            args, kwargs, index = editing.before(key, args, kwargs)
+            edits[i] = (editing, index)
         if any(key in r.watcher.explicit for r in active):
             # A watched softmax of this attention layer must run.
             from keras_tap.taps import attention
@@ -49,9 +57,11 @@ def _hook(layer, original):
             outputs = attention.explicit_call(layer, original, args, kwargs)
         else:
             outputs = original(*args, **kwargs)
+        for editing, index in edits:
+            outputs = editing.after(key, index, outputs)
         stop = False
         for recording in active:
-            if key in recording.watcher.keys:
+            if key in recording.watcher.keys and not recording.edits:
                 stop = recording.record(key, outputs, args) or stop
         if stop:
             raise StopForward("Every watched call was recorded.")
@@ -85,6 +95,15 @@ def _release(layers):
                 object.__delattr__(layer, "call")
             else:
                 object.__setattr__(layer, "call", entry[2])
+
+
+def begin_run():
+    """Tell the active edits that a forward pass of a model starts, so
+    that an edit of one call of a shared layer (`"enc@1"`) counts the
+    layer's calls from this pass on."""
+    for entry in _ACTIVE.get():
+        if entry.edits:
+            entry.begin_run()
 
 
 def is_hooked(layer):
@@ -174,6 +193,8 @@ class Recording:
         arguments: the positional arguments of each of `calls`.
         stopped: whether this recording raised `StopForward`.
     """
+
+    edits = False  # A `kt.edit` block's recording changes values.
 
     def __init__(self, watcher):
         self.watcher = watcher

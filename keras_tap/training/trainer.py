@@ -232,18 +232,22 @@ class Trainer(TargetsMixin):
 
     # -- steps and fitting ---------------------------------------------------
 
-    def train_step(self, data):
-        return trainers.get().train_step(self, data)
+    def train_step(self, *args):
+        # `(data,)`, or `(state, data)` on JAX (stateless steps).
+        return trainers.get().train_step(self, *args)
 
-    def test_step(self, data):
-        return trainers.get().test_step(self, data)
+    def test_step(self, *args):
+        return trainers.get().test_step(self, *args)
 
     def fit(self, x=None, y=None, *args, **kwargs):
         kwargs = _bind(keras.Model.fit, self, x, y, *args, **kwargs)
         x, y = kwargs.pop("x"), kwargs.pop("y")
         x, y, kwargs = self.prepare_fit_data(x, y, kwargs)
         callbacks = list(kwargs.get("callbacks") or [])
-        if bool(getattr(self, "jit_compile", False)):
+        trainer = trainers.get()
+        if bool(getattr(self, "jit_compile", False)) or getattr(
+            trainer, "STOPS_FROM_LOGS", False
+        ):
             callbacks.append(StopOnNonFinite())
         kwargs["callbacks"] = self.prepare_statistics(
             callbacks, kwargs.get("verbose", "auto")
@@ -252,6 +256,19 @@ class Trainer(TargetsMixin):
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         return run_guarded(super().evaluate, x, y, *args, **kwargs)
+
+    def get_compile_config(self):
+        """Keras's compile config, with the optimizer saved under its
+        public name: on PyTorch, Keras saves a torch-only class
+        (`keras.src.backend.torch.optimizers...`) that other backends
+        cannot load."""
+        config = super().get_compile_config()
+        optimizer = (config or {}).get("optimizer")
+        if isinstance(optimizer, dict) and str(
+            optimizer.get("module")
+        ).startswith("keras.src.backend."):
+            config["optimizer"] = dict(optimizer, module="keras.optimizers")
+        return config
 
     # -- a frozen teacher ----------------------------------------------------
 

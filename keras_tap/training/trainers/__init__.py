@@ -1,23 +1,28 @@
 """The backend-specific part of keras_tap, one small module per backend.
 
 Everything else is written with `keras.ops`. `get()` returns the module for
-the active Keras backend, or raises if keras_tap does not support it yet.
+the active Keras backend: `tensorflow`, `jax` or `torch` (the last two share
+`portable`).
 """
+
+import importlib
 
 import keras
 
-SUPPORTED = ("tensorflow",)
+SUPPORTED = ("tensorflow", "jax", "torch")
 
 
 def get():
-    """The trainer module of the active Keras backend."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        from keras_tap.training.trainers import tensorflow
+    """The trainer module of the active Keras backend.
 
-        return tensorflow
-    raise NotImplementedError(
-        f"keras_tap supports the Keras backends {list(SUPPORTED)} for now; "
-        f"the active backend is {backend!r}. Set KERAS_BACKEND=tensorflow "
-        "before importing keras (JAX and PyTorch support are planned)."
-    )
+    Raises:
+        NotImplementedError: on a backend other than `SUPPORTED`.
+    """
+    backend = keras.backend.backend()
+    if backend not in SUPPORTED:
+        raise NotImplementedError(
+            f"keras_tap supports the Keras backends {list(SUPPORTED)}; the "
+            f"active backend is {backend!r}. Set KERAS_BACKEND to one of "
+            "them before importing keras."
+        )
+    return importlib.import_module(f"keras_tap.training.trainers.{backend}")

@@ -1,0 +1,497 @@
+"""Edit activations while a model runs: `kt.edit` and the `kt.edits`.
+
+`with kt.edit(model, {path: edit}):` changes the value at each point for
+every way the model runs inside the block: ablation (`Zero`), scaling,
+steering vectors (`Add`), activation patching (`Replace`), clamping and
+projecting a direction out. An edit is any callable
+`activation -> activation` of the same shape and dtype.
+
+An edit reaches its points through the same hooks that watch them for
+taps (`watch`): while the block is open, each edited layer carries one
+hook whose edit recording changes the call's input or output, in the order
+the blocks were entered (nested blocks compose), before any tap records
+it. The model's compiled functions (and those of keras_tap's models over
+it) are discarded when the block opens and when it closes, so that Keras
+traces them again with, then without, the edits.
+"""
+
+import threading
+import weakref
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_tap.taps import paths, points, watch
+
+FUNCTIONS = (
+    "predict_function",
+    "train_function",
+    "test_function",
+    "generate_function",
+)
+
+_LOCK = threading.Lock()
+_WRAPPERS = {}  # id(base model) -> [weakref to a keras_tap model over it]
+_INDEXES = {}  # id(model) -> (weakref to model, paths.LayerIndex)
+
+
+# -- the edits -------------------------------------------------------------
+
+
+def _as(value, like):
+    """`value` as a tensor of `like`'s dtype."""
+    return ops.cast(ops.convert_to_tensor(value), like.dtype)
+
+
+class Edit:
+    """Base class of the `kt.edits`: `edit(activation) -> activation`."""
+
+    def __call__(self, activation):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class Zero(Edit):
+    """Replaces the activation by zeros (ablation).
+
+    Example:
+
+    >>> import keras, numpy as np, keras_tap as kt
+    >>> model = keras.Sequential([keras.Input((2,)),
+    ...                           keras.layers.Dense(2, name="d")])
+    >>> with kt.edit(model, {"d": kt.edits.Zero()}):
+    ...     float(keras.ops.sum(model(np.ones((1, 2)))))
+    0.0
+    """
+
+    def __call__(self, activation):
+        return ops.zeros_like(activation)
+
+
+class Scale(Edit):
+    """Multiplies the activation by `factor`.
+
+    Args:
+        factor: a number (or a tensor broadcast to the activation).
+    """
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def __call__(self, activation):
+        return activation * _as(self.factor, activation)
+
+    def __repr__(self):
+        return f"Scale({self.factor!r})"
+
+
+class Add(Edit):
+    """Adds `scale * vector`: a steering vector.
+
+    Args:
+        vector: an array broadcast over the activation (a `(channels,)`
+            vector is added at every batch element and position).
+        scale: a number multiplying `vector`.
+    """
+
+    def __init__(self, vector, scale=1.0):
+        self.vector = vector
+        self.scale = scale
+
+    def __call__(self, activation):
+        return activation + _as(self.vector, activation) * _as(
+            self.scale, activation
+        )
+
+    def __repr__(self):
+        return f"Add(<vector>, scale={self.scale!r})"
+
+
+class Replace(Edit):
+    """Replaces the activation by `value`: activation patching.
+
+    Args:
+        value: the value from another run, with the activation's shape
+            (the same batch size).
+        where: an optional boolean mask, broadcast to the activation:
+            replace only where it is true.
+
+    Raises:
+        ValueError: when applied to an activation of another batch size.
+    """
+
+    def __init__(self, value, where=None):
+        self.value = value
+        self.where = where
+
+    def __call__(self, activation):
+        value = _as(self.value, activation)
+        have, want = tuple(value.shape), tuple(activation.shape)
+        if (
+            len(have) == len(want)
+            and have
+            and have[0] is not None
+            and want[0] is not None
+            and have[0] != want[0]
+        ):
+            raise ValueError(
+                f"Replace: the value has batch size {have[0]} (shape "
+                f"{have}), but the activation it replaces has batch size "
+                f"{want[0]} (shape {want}). Take the value from a run on "
+                "a batch of the same size."
+            )
+        if self.where is None:
+            return value
+        mask = ops.cast(ops.convert_to_tensor(self.where), "bool")
+        return ops.where(mask, value, activation)
+
+    def __repr__(self):
+        where = "" if self.where is None else ", where=<mask>"
+        return f"Replace(<value>{where})"
+
+
+class Clamp(Edit):
+    """Clips the activation to `[min, max]` (either bound may be `None`)."""
+
+    def __init__(self, min=None, max=None):
+        if min is None and max is None:
+            raise ValueError("Clamp: give `min`, `max` or both.")
+        self.min = min
+        self.max = max
+
+    def __call__(self, activation):
+        if self.min is not None:
+            activation = ops.maximum(activation, _as(self.min, activation))
+        if self.max is not None:
+            activation = ops.minimum(activation, _as(self.max, activation))
+        return activation
+
+    def __repr__(self):
+        return f"Clamp(min={self.min!r}, max={self.max!r})"
+
+
+class ProjectOut(Edit):
+    """Removes a direction: `a - (a . d) d` on the last axis, with
+    `d = direction / |direction|`.
+
+    Args:
+        direction: a non-zero vector as long as the activation's last axis.
+
+    Raises:
+        ValueError: for a zero or non-vector `direction`.
+    """
+
+    def __init__(self, direction):
+        direction = np.asarray(ops.convert_to_numpy(direction), "float64")
+        norm = np.linalg.norm(direction) if direction.ndim == 1 else 0.0
+        if direction.ndim != 1 or not norm > 0:
+            raise ValueError(
+                "ProjectOut: `direction` must be a non-zero vector; "
+                f"received shape {direction.shape} and norm {norm}."
+            )
+        self.direction = direction / norm
+
+    def __call__(self, activation):
+        d = _as(self.direction, activation)
+        along = ops.sum(activation * d, axis=-1, keepdims=True)
+        return activation - along * d
+
+    def __repr__(self):
+        return f"ProjectOut(<{self.direction.shape[0]}-vector>)"
+
+
+# -- applying edits ----------------------------------------------------------
+
+
+def _checked(name, edit, activation):
+    """`edit(activation)`, raising when it changes the shape or dtype."""
+    edited = edit(activation)
+    want_shape = tuple(activation.shape)
+    want_dtype = keras.backend.standardize_dtype(activation.dtype)
+    if hasattr(edited, "shape") and hasattr(edited, "dtype"):
+        have_shape = tuple(edited.shape)
+        have_dtype = keras.backend.standardize_dtype(edited.dtype)
+    else:
+        have_shape, have_dtype = None, type(edited).__name__
+    same_shape = have_shape is not None and len(have_shape) == len(
+        want_shape
+    ) and all(
+        a is None or b is None or a == b
+        for a, b in zip(have_shape, want_shape)
+    )
+    if not same_shape or have_dtype != want_dtype:
+        raise ValueError(
+            f"kt.edit: the edit {edit!r} at {name!r} returned shape "
+            f"{have_shape} and dtype {have_dtype}, but the activation there "
+            f"has shape {want_shape} and dtype {want_dtype}. An edit must "
+            "keep both."
+        )
+    return edited
+
+
+def _replace_element(value, key, edited):
+    if isinstance(value, dict):
+        return {**value, key: edited}
+    items = list(value)
+    items[key] = edited
+    return tuple(items) if isinstance(value, tuple) else items
+
+
+def suffix_of(point):
+    """`(kind, key)` of a point's suffix: `("output", None)` for none,
+    `("input", 0)` for `":input"`."""
+    if not point.suffix:
+        return points.OUTPUT, None
+    _, kind, key = paths.split_suffix("p" + point.suffix)
+    if kind == points.INPUT and key is None:
+        key = 0
+    return kind, key
+
+
+class Spec:
+    """One edit at one point: the call index (`None`: every call), the
+    kind (`"input"` or `"output"`), the element key and the edit.
+    `structured`: the edit takes the whole (structured) value, unchecked.
+    """
+
+    def __init__(self, name, index, kind, key, fn, structured=False):
+        self.name, self.index = name, index
+        self.kind, self.key, self.fn = kind, key, fn
+        self.structured = structured
+
+    def output(self, value):
+        key = self.key
+        if self.structured:
+            if key is None:
+                return self.fn(value)
+            return _replace_element(value, key, self.fn(value[key]))
+        if key is None and isinstance(value, (tuple, list)):
+            key = 0  # `(hidden, cache)`: the bare path edits the hidden state.
+        if key is None:
+            return _checked(self.name, self.fn, value)
+        edited = _checked(self.name, self.fn, value[key])
+        return _replace_element(value, key, edited)
+
+
+class EditRecording(watch.Recording):
+    """The active recording of a `kt.edit` block: changes values."""
+
+    edits = True
+
+    def __init__(self, watcher, specs, roots):
+        super().__init__(watcher)
+        self.specs = specs  # {id(layer): [_Spec, ...]}
+        self.roots = roots  # ids of the models whose call starts a run
+
+    def begin_run(self):
+        self.counts.clear()
+
+    def before(self, key, args, kwargs):
+        """Count the call; edit its inputs: `(args, kwargs, index)`."""
+        if key in self.roots:
+            self.counts.clear()
+        index = self.counts.get(key, 0)
+        self.counts[key] = index + 1
+        for spec in self.specs.get(key, ()):
+            if spec.kind != points.INPUT or spec.index not in (None, index):
+                continue
+            position = spec.key or 0
+            if position >= len(args):
+                raise ValueError(
+                    f"kt.edit: {spec.name!r} edits positional input "
+                    f"{position} of the call, but the layer was called with "
+                    f"{len(args)} positional input(s)."
+                )
+            args = list(args)
+            if spec.structured:
+                args[position] = spec.fn(args[position])
+            else:
+                args[position] = _checked(
+                    spec.name, spec.fn, args[position]
+                )
+            args = tuple(args)
+        return args, kwargs, index
+
+    def after(self, key, index, outputs):
+        """Edit the call's outputs."""
+        for spec in self.specs.get(key, ()):
+            if spec.kind == points.OUTPUT and spec.index in (None, index):
+                outputs = spec.output(outputs)
+        return outputs
+
+
+# -- the block ---------------------------------------------------------------
+
+
+def track(wrapper, base):
+    """Register a keras_tap model over `base`, whose compiled functions
+    `kt.edit` blocks on `base` discard."""
+    with _LOCK:
+        refs = [r for r in _WRAPPERS.get(id(base), []) if r() is not None]
+        refs.append(weakref.ref(wrapper))
+        _WRAPPERS[id(base)] = refs
+
+
+def _discard_functions(models):
+    """Drop the compiled functions of `models` and the keras_tap models
+    over them (Keras traces them again on the next call)."""
+    seen, queue = set(), list(models)
+    while queue:
+        model = queue.pop()
+        if id(model) in seen:
+            continue
+        seen.add(id(model))
+        for name in FUNCTIONS:
+            if getattr(model, name, None) is not None:
+                setattr(model, name, None)
+        with _LOCK:
+            refs = list(_WRAPPERS.get(id(model), []))
+        queue.extend(r() for r in refs if r() is not None)
+        extractors = vars(model).get("_extractors") or {}
+        queue.extend(
+            e for e in extractors.values() if isinstance(e, keras.Model)
+        )
+
+
+def _index(model):
+    with _LOCK:
+        cached = _INDEXES.get(id(model))
+    if cached is not None and cached[0]() is model:
+        return cached[1]
+    index = paths.LayerIndex(model)
+    with _LOCK:
+        _INDEXES[id(model)] = (weakref.ref(model), index)
+    return index
+
+
+def _target(model):
+    """`(model whose paths resolve, models whose functions to drop)`: a
+    keras-hub task resolves in its backbone."""
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, keras.Model) and backbone is not model:
+        return backbone, [model, backbone]
+    return model, [model]
+
+
+class EditBlock:
+    """The context manager `kt.edit` returns (entered once)."""
+
+    def __init__(self, model, edits):
+        paths.check_model(model)
+        if not isinstance(edits, dict) or not edits:
+            raise ValueError(
+                "kt.edit takes a non-empty dict `{path: edit}`; received "
+                f"{edits!r}."
+            )
+        for path, fn in edits.items():
+            if not callable(fn):
+                raise TypeError(
+                    f"kt.edit: the edit at {path!r} must be a callable "
+                    "`activation -> activation` or one of `kt.edits`; "
+                    f"received {type(fn).__name__}: {fn!r}."
+                )
+        self.model = model
+        self.edits = dict(edits)
+        self._recording = None
+
+    def _resolve(self, index):
+        specs, layers, owners = {}, {}, {}
+        for path, fn in self.edits.items():
+            try:
+                resolved = index.resolve(path)
+            except ValueError as error:
+                raise ValueError(f"kt.edit: {error}") from None
+            for name, point in resolved:
+                calls = index.points.get(point.path, [])
+                call = None if len(calls) <= 1 else point.index
+                kind, key = suffix_of(point)
+                spec = Spec(name, call, kind, key, fn)
+                specs.setdefault(id(point.layer), []).append(spec)
+                layers[id(point.layer)] = point.layer
+                if point.owner is not None:
+                    owners[id(point.owner)] = point.owner
+        return specs, layers, owners
+
+    def __enter__(self):
+        if self._recording is not None:
+            raise RuntimeError("A kt.edit block can be entered only once.")
+        target, models = _target(self.model)
+        for model in models:
+            if not model.built:
+                raise ValueError(
+                    f"kt.edit: model '{model.name}' is not built. Build it "
+                    "first: call it on a batch (`model(x)`), or "
+                    "`model.build(input_shape)`, or give it a "
+                    "`keras.Input`."
+                )
+        specs, layers, owners = self._resolve(_index(target))
+        roots = {id(m): m for m in models}
+        watcher = watch.Watcher(
+            list(layers.values()) + list(roots.values()),
+            explicit=owners.values(),
+        )
+        recording = EditRecording(watcher, specs, frozenset(roots))
+        _discard_functions(models)
+        recording.__enter__()
+        self._recording = recording
+        self._models = models
+        return self
+
+    def __exit__(self, *exc_info):
+        try:
+            self._recording.__exit__(*exc_info)
+        finally:
+            _discard_functions(self._models)
+        return False
+
+
+def edit(model, edits):
+    """Change activations at points of `model` while the block is open.
+
+    `with kt.edit(model, {path: edit, ...}):` applies each edit to the
+    value at its point for every way the model runs inside the block: a
+    direct call, `predict`, `fit`, `evaluate`, and a `TapModel`,
+    `FeatureModel` or extractor over it; for a keras-hub task (a
+    `CausalLM`), paths resolve in `task.backbone` and `generate` is edited
+    too. Taps at an edited point return the edited value. Nested blocks
+    compose: an inner edit applies to the value the outer one produced.
+    On a point whose output is a tuple (a decoder block's `(hidden,
+    cache)` while generating), the bare path edits element 0;
+    `":output[i]"` picks another, `":input"` edits the call's input. When
+    the block closes, the model computes exactly what it did before: the
+    compiled functions of the model (and of keras_tap's models over it)
+    are discarded when the block opens and when it closes.
+
+    Args:
+        model: a built Keras model, or a keras-hub task. A model that holds
+            `model` as a layer is not reached: open the edit on the
+            outermost model that you run.
+        edits: `{path: edit}`: paths as `kt.TapModel` takes them (`name@i`,
+            `/`-separated nested paths, suffixes, `re:pattern`); each edit
+            a `kt.edits` object or a callable `activation -> activation`.
+
+    Returns:
+        A context manager.
+
+    Raises:
+        ValueError: (on entering) for a model that is not built, a path
+            that matches nothing or a layer that never runs; (while the
+            model runs) for an edit that changes the activation's shape or
+            dtype, or a `Replace` value of another batch size.
+        TypeError: for an edit that is not callable.
+
+    Example:
+
+    >>> import keras, numpy as np, keras_tap as kt
+    >>> inputs = keras.Input((3,))
+    >>> hidden = keras.layers.Dense(4, name="hidden")(inputs)
+    >>> model = keras.Model(inputs, keras.layers.Dense(1)(hidden))
+    >>> with kt.edit(model, {"hidden": kt.edits.Zero()}):
+    ...     zeroed = model.predict(np.ones((2, 3)), verbose=0)
+    >>> np.allclose(zeroed, model.layers[-1].bias.numpy())
+    True
+    """
+    return EditBlock(model, edits)
