@@ -188,14 +188,20 @@ def test_config_is_init_arguments(reg, reference):
 def test_defaults():
     assert regularizers.ActivityL1().get_config() == {"l1": 0.01}
     assert regularizers.ActivityL2().get_config() == {"l2": 0.01}
-    assert regularizers.KLSparsity().get_config() == {"rho": 0.05, "beta": 1.0}
-    assert regularizers.DeCov().get_config() == {"weight": 1.0}
-    assert regularizers.Orthogonality().get_config() == {"weight": 1.0}
+    assert regularizers.KLSparsity().get_config() == {
+        "rho": 0.05,
+        "beta": 1.0,
+        "cross_replica": False,
+    }
+    local = {"weight": 1.0, "cross_replica": False}
+    assert regularizers.DeCov().get_config() == local
+    assert regularizers.Orthogonality().get_config() == local
     assert regularizers.VarianceCovariance().get_config() == {
         "variance_weight": 1.0,
         "covariance_weight": 1.0,
         "gamma": 1.0,
         "epsilon": 1e-4,
+        "cross_replica": False,
     }
 
 
@@ -284,9 +290,9 @@ def test_get_other_identifiers():
     assert type(regularizers.get(regularizers.DeCov)) is regularizers.DeCov
 
     restored = regularizers.get(keras.saving.serialize_keras_object(reg))
-    assert restored.get_config() == {"weight": 0.5}
+    assert restored.get_config() == {"weight": 0.5, "cross_replica": False}
     bare = regularizers.get({"class_name": "DeCov", "config": {"weight": 2.0}})
-    assert bare.get_config() == {"weight": 2.0}
+    assert bare.get_config() == {"weight": 2.0, "cross_replica": False}
     l2 = keras.saving.serialize_keras_object(keras.regularizers.L2(0.1))
     assert type(regularizers.get(l2)) is keras.regularizers.L2
     old_style = {"class_name": "L2", "config": {"l2": 0.1}}

@@ -25,6 +25,7 @@ continues after its last completed epoch.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -326,6 +327,14 @@ def _set_data_parallel(config, where):
         raise ConfigError(f"{where}.devices", str(error)) from None
 
 
+def scratch_dir(run_dir, task):
+    """The temporary folder of a worker other than the chief: one per run
+    directory and task, in the system's temporary directory."""
+    digest = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()
+    name = f"keras_tap_{digest[:12]}_{task.name}"
+    return Path(tempfile.gettempdir()) / name
+
+
 class Placement:
     """Where one process of a run writes, and what it restores from.
 
@@ -351,9 +360,11 @@ class Placement:
         )
         self.run_dir = self.target
         if not self.task.is_chief:
-            self.run_dir = Path(
-                tempfile.mkdtemp(prefix=f"keras_tap_{self.task.name}_")
-            )
+            # A worker killed before `close` leaves it: the restarted
+            # worker removes it first.
+            self.run_dir = scratch_dir(self.target, self.task)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir.mkdir(parents=True)
         self.backup_dir = None
         if config.backup and config.strategy != "none":
             self.backup_dir = self.target / BACKUP / self.task.name

@@ -30,6 +30,7 @@ from keras_tap.taps.points import (  # noqa: F401 - part of this API
     flatten_elements,
     is_shape,
     merge_shapes,
+    zeros_like_spec,
 )
 from keras_tap.taps.points import shape_of as _shape_of
 
@@ -243,7 +244,9 @@ class GraphTrace:
         plain_args, plain_kwargs = _dense_specs((args, kwargs))
         try:
             found, _ = trace_calls(
-                layer, run=lambda: _Probe(layer)(*plain_args, **plain_kwargs)
+                layer,
+                run=lambda: _Probe(layer)(*plain_args, **plain_kwargs),
+                inputs=(plain_args, plain_kwargs),
             )
         except Exception:  # noqa: BLE001 - a call that cannot run
             # symbolically: its sublayers are listed without calls.
@@ -409,7 +412,7 @@ def input_spec_of(model):
     return make(shape)
 
 
-def trace_calls(model, run=None):
+def trace_calls(model, run=None, inputs=None):
     """Run `model` symbolically and record every call of the layers it holds.
 
     Args:
@@ -417,6 +420,8 @@ def trace_calls(model, run=None):
             (`sublayers.walk`).
         run: a function that calls `model` (default: on symbolic inputs of
             its build shape).
+        inputs: `(args, kwargs)`, the symbolic inputs `run` passes (on
+            PyTorch the call runs twice on zeros of their shapes instead).
 
     Returns:
         `({path: [Point, ...]}, run's result)`, the points in the order the
@@ -438,12 +443,14 @@ def trace_calls(model, run=None):
         if found is not None and id(found[1]) in by_id:
             owners[id(found[1])] = found[0]
     watcher = watch.Watcher(layers.values(), explicit=owners.values())
-    if run is None and keras.backend.backend() == "torch":
+    torch = keras.backend.backend() == "torch"
+    if torch and (run is None or inputs is not None):
         # Keras runs a symbolic call twice on PyTorch (batches 83, 89): run
         # it twice on zeros here, and free the dimensions that differ.
+        args, kwargs = inputs or ((input_spec_of(model),), {})
         recorded = [
-            _record(watcher, lambda: model(_zeros_like_spec(
-                input_spec_of(model), batch)))
+            _record(watcher, lambda: model(*zeros_like_spec(args, batch),
+                                           **zeros_like_spec(kwargs, batch)))
             for batch in (2, 3)
         ]
         result = None
@@ -487,14 +494,4 @@ def _record(watcher, run):
         for (key, output), args in zip(recording.calls, recording.arguments)
     ]
     return calls, result
-
-
-def _zeros_like_spec(spec, batch):
-    """Zeros shaped like symbolic inputs, `batch` for a free dimension."""
-    return keras.tree.map_structure(
-        lambda t: keras.ops.zeros(
-            tuple(batch if d is None else d for d in t.shape), t.dtype
-        ),
-        spec,
-    )
 

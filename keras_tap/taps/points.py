@@ -225,3 +225,14 @@ def merge_shapes(first, second):
             merge_shapes(a, b) for a, b in zip(first, second)
         )
     return first
+
+
+def zeros_like_spec(spec, batch):
+    """Zeros shaped like the `keras.KerasTensor`s in `spec` (other values
+    kept), `batch` for a free dimension."""
+    return keras.tree.map_structure(
+        lambda t: keras.ops.zeros(
+            tuple(batch if d is None else d for d in t.shape), t.dtype
+        ) if isinstance(t, keras.KerasTensor) else t,
+        spec,
+    )

@@ -21,6 +21,12 @@ import keras
 from keras import ops
 
 from keras_tap.training.arguments import as_float32, check_number, from_name
+from keras_tap.training.moments import (
+    centred,
+    check_cross_replica,
+    count,
+    replica_sum,
+)
 
 __all__ = [
     "ActivityL1",
@@ -143,6 +149,9 @@ class KLSparsity(keras.regularizers.Regularizer):
         rho: Target activation rate, a float in `(0, 1)`. Defaults to `0.05`.
         beta: Non-negative finite float, the penalty factor. Defaults to
             `1.0`.
+        cross_replica: Whether the batch moments span every replica of a
+            distribution strategy (`keras_tap.training.moments`), equal to
+            one device. Defaults to `False`: each replica's own batch.
 
     Returns:
         Called on an activation of rank >= 2, a float32 scalar.
@@ -158,8 +167,9 @@ class KLSparsity(keras.regularizers.Regularizer):
 
     reduction = "batch_mean"
 
-    def __init__(self, rho=0.05, beta=1.0):
+    def __init__(self, rho=0.05, beta=1.0, cross_replica=False):
         owner = type(self).__name__
+        self.cross_replica = check_cross_replica(owner, cross_replica)
         rho = check_number(owner, "rho", rho, strict=True)
         if rho >= 1.0:
             raise ValueError(
@@ -172,7 +182,8 @@ class KLSparsity(keras.regularizers.Regularizer):
     def __call__(self, x):
         x = as_float32(x, type(self).__name__, 2)
         eps = keras.config.epsilon()
-        rho_hat = ops.mean(_samples_by_channels(x), axis=0)
+        h, cross = _samples_by_channels(x), self.cross_replica
+        rho_hat = replica_sum(ops.sum(h, axis=0), cross) / count(h, cross)
         rho_hat = ops.clip(rho_hat, eps, 1.0 - eps)
         rho = self.rho
         kl = rho * ops.log(rho / rho_hat) + (1.0 - rho) * ops.log(
@@ -181,7 +192,11 @@ class KLSparsity(keras.regularizers.Regularizer):
         return self.beta * ops.sum(kl)
 
     def get_config(self):
-        return {"rho": self.rho, "beta": self.beta}
+        return {
+            "rho": self.rho,
+            "beta": self.beta,
+            "cross_replica": self.cross_replica,
+        }
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -200,6 +215,9 @@ class DeCov(keras.regularizers.Regularizer):
     Args:
         weight: Non-negative finite float, the penalty factor. Defaults to
             `1.0`.
+        cross_replica: Whether the batch moments span every replica of a
+            distribution strategy (`keras_tap.training.moments`), equal to
+            one device. Defaults to `False`: each replica's own batch.
 
     Returns:
         Called on an activation of rank >= 2, a float32 scalar.
@@ -215,17 +233,20 @@ class DeCov(keras.regularizers.Regularizer):
 
     reduction = "batch_mean"
 
-    def __init__(self, weight=1.0):
-        self.weight = check_number(type(self).__name__, "weight", weight)
+    def __init__(self, weight=1.0, cross_replica=False):
+        owner = type(self).__name__
+        self.weight = check_number(owner, "weight", weight)
+        self.cross_replica = check_cross_replica(owner, cross_replica)
 
     def __call__(self, x):
         h = _samples_by_channels(as_float32(x, type(self).__name__, 2))
-        h = h - ops.mean(h, axis=0, keepdims=True)
-        cov = ops.matmul(ops.transpose(h), h) / _count(h, 0)
+        h, n = centred(h, self.cross_replica)
+        cov = replica_sum(ops.matmul(ops.transpose(h), h), self.cross_replica)
+        cov = cov / n
         return self.weight * 0.5 * ops.sum(ops.square(_off_diagonal(cov)))
 
     def get_config(self):
-        return {"weight": self.weight}
+        return {"weight": self.weight, "cross_replica": self.cross_replica}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -247,6 +268,9 @@ class Orthogonality(keras.regularizers.Regularizer):
     Args:
         weight: Non-negative finite float, the penalty factor. Defaults to
             `1.0`.
+        cross_replica: Whether the batch moments span every replica of a
+            distribution strategy (`keras_tap.training.moments`), equal to
+            one device. Defaults to `False`: each replica's own batch.
 
     Returns:
         Called on an activation of rank >= 2, a float32 scalar.
@@ -262,21 +286,24 @@ class Orthogonality(keras.regularizers.Regularizer):
 
     reduction = "batch_mean"
 
-    def __init__(self, weight=1.0):
-        self.weight = check_number(type(self).__name__, "weight", weight)
+    def __init__(self, weight=1.0, cross_replica=False):
+        owner = type(self).__name__
+        self.weight = check_number(owner, "weight", weight)
+        self.cross_replica = check_cross_replica(owner, cross_replica)
 
     def __call__(self, x):
         h = _samples_by_channels(as_float32(x, type(self).__name__, 2))
-        h = h - ops.mean(h, axis=0, keepdims=True)
-        norm = ops.sqrt(ops.sum(ops.square(h), axis=0, keepdims=True))
+        h, _ = centred(h, self.cross_replica)
+        squares = ops.sum(ops.square(h), axis=0, keepdims=True)
+        norm = ops.sqrt(replica_sum(squares, self.cross_replica))
         z = h / ops.maximum(norm, keras.config.epsilon())
-        corr = ops.matmul(ops.transpose(z), z)
+        corr = replica_sum(ops.matmul(ops.transpose(z), z), self.cross_replica)
         channels = _count(h, 1)
         pairs = ops.maximum(channels * (channels - 1.0), 1.0)
         return self.weight * ops.sum(ops.square(_off_diagonal(corr))) / pairs
 
     def get_config(self):
-        return {"weight": self.weight}
+        return {"weight": self.weight, "cross_replica": self.cross_replica}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -303,6 +330,9 @@ class VarianceCovariance(keras.regularizers.Regularizer):
             Defaults to `1.0`.
         epsilon: Positive finite float added to the variance under the
             square root. Defaults to `1e-4`.
+        cross_replica: Whether the batch moments span every replica of a
+            distribution strategy (`keras_tap.training.moments`), equal to
+            one device. Defaults to `False`: each replica's own batch.
 
     Returns:
         Called on an activation of rank >= 2, a float32 scalar.
@@ -324,8 +354,10 @@ class VarianceCovariance(keras.regularizers.Regularizer):
         covariance_weight=1.0,
         gamma=1.0,
         epsilon=1e-4,
+        cross_replica=False,
     ):
         owner = type(self).__name__
+        self.cross_replica = check_cross_replica(owner, cross_replica)
         self.variance_weight = check_number(
             owner, "variance_weight", variance_weight
         )
@@ -337,9 +369,9 @@ class VarianceCovariance(keras.regularizers.Regularizer):
 
     def __call__(self, x):
         h = _samples_by_channels(as_float32(x, type(self).__name__, 2))
-        h = h - ops.mean(h, axis=0, keepdims=True)
-        dof = ops.maximum(_count(h, 0) - 1.0, 1.0)
-        cov = ops.matmul(ops.transpose(h), h) / dof
+        h, n = centred(h, self.cross_replica)
+        cov = replica_sum(ops.matmul(ops.transpose(h), h), self.cross_replica)
+        cov = cov / ops.maximum(n - 1.0, 1.0)
         std = ops.sqrt(ops.diagonal(cov) + self.epsilon)
         variance = ops.mean(ops.relu(self.gamma - std))
         covariance = ops.sum(ops.square(_off_diagonal(cov))) / _count(h, 1)
@@ -354,6 +386,7 @@ class VarianceCovariance(keras.regularizers.Regularizer):
             "covariance_weight": self.covariance_weight,
             "gamma": self.gamma,
             "epsilon": self.epsilon,
+            "cross_replica": self.cross_replica,
         }
 
 

@@ -239,6 +239,31 @@ class Trainer(TargetsMixin):
     def test_step(self, *args):
         return trainers.get().test_step(self, *args)
 
+    # A trainer may wrap Keras's compiled functions and its build before
+    # `fit`/`evaluate`: TensorFlow's does under a multi-worker strategy
+    # (`trainers/multi_worker.py`), where Keras's own fail.
+
+    def make_train_function(self, force=False):
+        make = super().make_train_function
+        wrap = getattr(trainers.get(), "make_function", None)
+        if wrap is None:
+            return make(force=force)
+        return wrap(self, make, "train", force)
+
+    def make_test_function(self, force=False):
+        make = super().make_test_function
+        wrap = getattr(trainers.get(), "make_function", None)
+        if wrap is None:
+            return make(force=force)
+        return wrap(self, make, "test", force)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        build = super()._maybe_symbolic_build
+        replace = getattr(trainers.get(), "maybe_symbolic_build", None)
+        if replace is None:
+            return build(iterator=iterator, data_batch=data_batch)
+        return replace(self, build, iterator, data_batch)
+
     def fit(self, x=None, y=None, *args, **kwargs):
         kwargs = _bind(keras.Model.fit, self, x, y, *args, **kwargs)
         x, y = kwargs.pop("x"), kwargs.pop("y")

@@ -8,6 +8,12 @@ import weakref
 import keras
 import tensorflow as tf
 
+from keras_tap.training.trainers.multi_worker import (  # noqa: F401
+    make_function,
+    maybe_symbolic_build,
+    reducible_logs,
+)
+
 NONFINITE_MARKER = "keras_tap non-finite tap loss"
 # Errors a loss raises on shapes it cannot compare, when run eagerly.
 SHAPE_ERRORS = (tf.errors.InvalidArgumentError,)
@@ -28,6 +34,17 @@ def scale_for_replicas(value):
     if replicas > 1:
         value = value * tf.cast(1.0 / replicas, value.dtype)
     return value
+
+
+def replica_sum(value):
+    """`value` summed over the replicas of the current strategy, from a
+    replica context (as it is outside one, or with one replica). Its
+    gradient is the all-reduced gradient, so a term of the global batch's
+    moments trains as on one device (`training/moments.py`)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
 def unscale_for_replicas(value):
@@ -201,9 +218,10 @@ def train_step(model, data):
             # the update, `optimizer.iterations` included.
             with tf.control_dependencies([loss]):
                 apply()
-    return model.compute_metrics(
+    logs = model.compute_metrics(
         x, y, y_pred, sample_weight, losses=losses, training=True
     )
+    return reducible_logs(logs)
 
 
 def test_step(model, data):
@@ -214,9 +232,10 @@ def test_step(model, data):
     losses = model.compute_loss_terms(
         x, y, y_pred, sample_weight=sample_weight, training=False
     )
-    return model.compute_metrics(
+    logs = model.compute_metrics(
         x, y, y_pred, sample_weight, losses=losses, training=False
     )
+    return reducible_logs(logs)
 
 
 def with_class_weight(tap_model, dataset, class_weight):
