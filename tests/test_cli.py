@@ -152,7 +152,8 @@ def test_train_progress_fits_120_columns(tmp_path, capsys, monkeypatch):
     its validation values, in lines of at most 120 columns; the tap
     statistics stay out of it (they go to History)."""
     monkeypatch.chdir(tmp_path)
-    quick = ["data.limit=128", "fit.epochs=2", "run.plots=false"]
+    quick = ["data.limit=128", "fit.epochs=2", "run.plots=false",
+             "run.deterministic=false"]  # determinism is process-wide
     code, out, err = run_cli("train", DIGITS, *sets(*quick), capsys=capsys)
     assert (code, err) == (0, "")
     lines = out.splitlines()
@@ -355,10 +356,13 @@ def test_extract_from_a_config_without_a_run(tmp_path, capsys, monkeypatch):
 
 def readme_commands():
     """The `keras-tap` lines of the README, in the order written: the main
-    job first, then the command-line block."""
+    job first, then the command-line block. The commands of "Training on
+    several machines" need two hosts' `TF_CONFIG`; test_multi_worker.py
+    runs them on two local processes."""
     import shlex
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = readme.split("## Training on several machines", 1)[0]
     commands = []
     for line in readme.splitlines():
         if "keras-tap train" in line and line.startswith("pip install"):

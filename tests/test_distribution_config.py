@@ -261,3 +261,67 @@ def test_cross_replica_moments_option_reaches_the_regularizers():
         tap_model = training.build(config_lib.load(raw))
         assert tap_model.taps["decov"].regularizer.cross_replica is option
         assert not hasattr(tap_model.taps["l1"].regularizer, "cross_replica")
+
+
+DATA_PARALLEL_SCRIPT = """
+import json, sys
+import keras
+import keras_tap as kt
+
+config = {
+    "model": {"class_name": "Sequential", "config": {"name": "tiny", "layers": [
+        {"class_name": "InputLayer", "config": {"shape": [8, 8, 1]}},
+        {"class_name": "Conv2D", "config": {"name": "conv1", "filters": 4,
+         "kernel_size": 3, "padding": "same", "activation": "relu"}},
+        {"class_name": "GlobalAveragePooling2D", "config": {"name": "gap"}},
+        {"class_name": "Dense", "config": {"name": "out", "units": 10,
+         "activation": "softmax"}}]}},
+    "taps": {"conv1": {"layer": "conv1", "regularizer": {
+        "class_name": "ActivityL1", "config": {"l1": 0.001}}}},
+    "compile": {"optimizer": {"class_name": "SGD",
+                              "config": {"learning_rate": 0.1}},
+                "loss": "sparse_categorical_crossentropy"},
+    "data": {"dataset": "sklearn_digits", "limit": 256, "batch_size": 32,
+             "validation_split": 0.25},
+    "fit": {"epochs": 2, "verbose": 0},
+    "run": {"seed": 0, "plots": False, "tensorboard": False,
+            "dir": sys.argv[1]},
+    "distribution": sys.argv[2],
+}
+run = kt.train(config)
+distribution = keras.distribution.distribution()
+devices = 0 if distribution is None else len(
+    distribution.device_mesh.devices.flatten())
+weights = [w.tolist() for w in run.model.base.get_weights()]
+print(json.dumps({"history": run.history, "devices": devices,
+                  "weights": weights}))
+"""
+
+
+def test_data_parallel_config_on_jax_equals_one_device(tmp_path):
+    """`distribution: data_parallel` trains with keras.distribution's
+    DataParallel over two host devices, equal to one device."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("jax")
+    env = dict(os.environ, KERAS_BACKEND="jax",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    results = {}
+    for strategy in ("none", "data_parallel"):
+        done = subprocess.run(
+            [sys.executable, "-c", DATA_PARALLEL_SCRIPT,
+             str(tmp_path / strategy), strategy],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[strategy] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results["none"]["devices"] == 0
+    assert results["data_parallel"]["devices"] == 2
+    one, two = results["none"], results["data_parallel"]
+    for key in ("loss", "predictions_loss", "conv1_loss", "val_loss"):
+        np.testing.assert_allclose(two["history"][key], one["history"][key],
+                                   atol=1e-4)
+    for a, b in zip(one["weights"], two["weights"]):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4)

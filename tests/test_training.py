@@ -344,6 +344,8 @@ def test_jit_and_steps_per_execution_match_default(compile_kwargs):
         history = tap_model.fit(
             x, targets, batch_size=B, epochs=2, shuffle=False, verbose=0
         )
+        # Keras silently drops jit_compile, e.g. once op determinism is on.
+        assert tap_model.jit_compile == kwargs.get("jit_compile", False)
         logs = tap_model.evaluate(
             x, targets, batch_size=B, verbose=0, return_dict=True
         )
