@@ -9,10 +9,12 @@ the other before adding them: PCGrad (Yu et al., "Gradient Surgery for
 Multi-Task Learning", NeurIPS 2020), here with two "tasks", the
 predictions and the taps.
 
-Run it on scikit-learn's 8x8 digits (shipped with scikit-learn; random data
-when it is missing):
+The step is TensorFlow code (a persistent `tf.GradientTape` gives both
+gradients of the one forward pass), so the example runs on the TensorFlow
+backend. Run it on scikit-learn's 8x8 digits (shipped with scikit-learn;
+random data when it is missing):
 
-    python examples/research_pcgrad.py --epochs 5
+    KERAS_BACKEND=tensorflow python examples/research_pcgrad.py --epochs 5
 """
 
 import argparse
@@ -34,9 +36,20 @@ class PCGradTapModel(kt.TapModel):
     Logs, besides `loss`, `predictions_loss` and `<tap>_loss`:
     `prediction_grad_norm`, `tap_grad_norm`, `grad_cosine` (before the
     projection) and `conflict_rate` (the fraction of steps that projected).
+
+    Its `train_step` uses `tf.GradientTape`: it needs the TensorFlow
+    backend.
     """
 
     def __init__(self, *args, **kwargs):
+        backend = keras.backend.backend()
+        if backend != "tensorflow":
+            raise RuntimeError(
+                "PCGradTapModel's train_step takes its two gradients with "
+                "`tf.GradientTape`, so it needs the TensorFlow backend; "
+                f"Keras runs on {backend!r} here. Set "
+                "KERAS_BACKEND=tensorflow before Keras is imported."
+            )
         super().__init__(*args, **kwargs)
         self.prediction_grad_norm = keras.metrics.Mean(
             name="prediction_grad_norm"

@@ -73,7 +73,7 @@ def steering_vector(lm, block, prompts_a, prompts_b):
             "padding_mask": np.ones(np.shape(prompts), bool),
         }
         _, taps = tap_model(inputs)
-        return np.asarray(taps["block"]).mean(axis=(0, 1))
+        return keras.ops.convert_to_numpy(taps["block"]).mean(axis=(0, 1))
 
     return mean(prompts_a) - mean(prompts_b)
 
@@ -90,7 +90,7 @@ def steer(lm, block, vector, prompt, scale=8.0):
 def last_logits(lm, prompts):
     prompts = np.asarray(prompts, "int32")
     inputs = {"token_ids": prompts, "padding_mask": np.ones_like(prompts)}
-    return np.asarray(lm(inputs))[:, -1]
+    return keras.ops.convert_to_numpy(lm(inputs))[:, -1]
 
 
 def patching(lm, clean, corrupted):

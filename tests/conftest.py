@@ -50,3 +50,107 @@ def dense_ref(layer, x, activation=None):
     if activation == "relu":
         y = np.maximum(y, 0.0)
     return y
+
+
+# -- the same tests on every Keras backend -----------------------------------
+
+BACKEND = keras.backend.backend()
+
+
+def to_numpy(value):
+    """Any backend's tensor (or a nested structure of them) as NumPy: a
+    PyTorch tensor that requires grad, a JAX array, a `tf.Tensor`."""
+    return keras.tree.map_structure(
+        lambda v: v if v is None else keras.ops.convert_to_numpy(v), value
+    )
+
+
+def dtype_name(value):
+    """The Keras name of a tensor's dtype (`"float32"`), on any backend."""
+    return keras.backend.standardize_dtype(value.dtype)
+
+
+def value_and_grad(fn, variables):
+    """`(fn(), d fn() / d variables)` with the active backend's autodiff,
+    written as a user of that backend writes it: a `tf.GradientTape`,
+    `torch.autograd.grad`, or `jax.value_and_grad` over the variables'
+    values (in a `keras.StatelessScope`). An independent reference for
+    keras_tap's training steps.
+
+    Args:
+        fn: a function of no arguments returning a scalar; it reads the
+            variables (`model(x)`, `variable.value`, ...).
+        variables: a list of `keras.Variable`s.
+
+    Returns:
+        `(value, grads)`, both NumPy; a gradient is zeros where `fn` does
+        not depend on the variable.
+    """
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            value = fn()
+        grads = tape.gradient(value, variables)
+    elif BACKEND == "torch":
+        import torch
+
+        value = fn()
+        grads = torch.autograd.grad(
+            value, [v.value for v in variables], allow_unused=True
+        )
+    elif BACKEND == "jax":
+        import jax
+
+        def pure(values):
+            with keras.StatelessScope(
+                state_mapping=list(zip(variables, values))
+            ):
+                return fn()
+
+        value, grads = jax.value_and_grad(pure)(
+            [v.value for v in variables]
+        )
+    else:  # pragma: no cover - the tests run on these three
+        raise NotImplementedError(BACKEND)
+    grads = [
+        np.zeros(v.shape, "float32") if g is None else to_numpy(g)
+        for v, g in zip(variables, grads)
+    ]
+    return to_numpy(value), grads
+
+
+def assert_close(actual, expected, rtol=1e-7, atol=0.0):
+    """`np.testing.assert_allclose` on any backend's tensors."""
+    np.testing.assert_allclose(
+        to_numpy(actual), to_numpy(expected), rtol=rtol, atol=atol
+    )
+
+
+def grad_at(fn, value):
+    """`(fn(value), d fn / d value)` for an array `value` and a scalar
+    `fn`, with the active backend's autodiff (`tf.GradientTape`,
+    `torch.autograd.grad`, `jax.value_and_grad`); both NumPy."""
+    value = keras.ops.convert_to_tensor(to_numpy(value))
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(value)
+            out = fn(value)
+        grad = tape.gradient(out, value)
+    elif BACKEND == "torch":
+        import torch
+
+        value = value.detach().requires_grad_(True)
+        out = fn(value)
+        (grad,) = torch.autograd.grad(out, value, allow_unused=True)
+    elif BACKEND == "jax":
+        import jax
+
+        out, grad = jax.value_and_grad(fn)(value)
+    else:  # pragma: no cover - the tests run on these three
+        raise NotImplementedError(BACKEND)
+    if grad is None:
+        grad = keras.ops.zeros_like(value)
+    return to_numpy(out), to_numpy(grad)

@@ -1,9 +1,11 @@
-"""`TapModel.gradients` and Grad-CAM against hand-written GradientTapes."""
+"""`TapModel.gradients` and Grad-CAM against the backend's own autodiff
+on a model cut in two by hand (a `tf.GradientTape` on TensorFlow)."""
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import assert_close, grad_at, to_numpy
+from keras import ops
 
 import keras_tap as kt
 
@@ -24,12 +26,14 @@ def _images(n=3, seed=0):
 
 
 def _reference(model, layer, x, score):
-    """A plain Keras two-output model and a hand-written GradientTape."""
-    ref = keras.Model(model.input, [layer.output, model.output])
-    with tf.GradientTape() as tape:
-        activation, preds = ref(x)
-        total = tf.reduce_sum(score(preds))
-    return preds, activation, tape.gradient(total, activation)
+    """The model cut at `layer` into two plain Keras models, and the
+    gradient of the summed score at the cut, by the backend's autodiff."""
+    body = keras.Model(model.input, layer.output)
+    head = keras.Model(layer.output, model.output)
+    activation = to_numpy(body(x))
+    preds = to_numpy(head(activation))
+    _, grad = grad_at(lambda a: ops.sum(score(head(a))), activation)
+    return preds, activation, grad
 
 
 @pytest.mark.parametrize("target", [None, 2, "callable"])
@@ -41,7 +45,7 @@ def test_gradients_match_gradient_tape(target):
         target = lambda p: p[:, 0] * p[:, 1]  # noqa: E731
         score = target
     elif target is None:
-        score = lambda p: tf.reduce_max(p, axis=-1)  # noqa: E731
+        score = lambda p: ops.max(p, axis=-1)  # noqa: E731
     else:
         score = lambda p: p[:, 2]  # noqa: E731
     preds, taps, grads = tap_model.gradients(x, target=target)
@@ -49,10 +53,10 @@ def test_gradients_match_gradient_tape(target):
         ref_preds, ref_act, ref_grad = _reference(
             model, model.get_layer(name), x, score
         )
-        np.testing.assert_allclose(preds, ref_preds, atol=1e-6)
-        np.testing.assert_allclose(taps[name], ref_act, atol=1e-6)
-        np.testing.assert_allclose(grads[name], ref_grad, atol=1e-6)
-        assert np.abs(np.asarray(ref_grad)).max() > 0
+        assert_close(preds, ref_preds, atol=1e-6)
+        assert_close(taps[name], ref_act, atol=1e-6)
+        assert_close(grads[name], ref_grad, atol=1e-6)
+        assert np.abs(ref_grad).max() > 0
 
 
 def test_gradients_of_a_further_path_and_nested_model():
@@ -65,16 +69,15 @@ def test_gradients_of_a_further_path_and_nested_model():
     _, taps, grads = tap_model.gradients(x, target=1, taps="backbone/conv2")
     assert list(grads) == ["backbone/conv2"]
     # The reference: the Sequential written out by hand.
-    inner = keras.Model(
-        backbone.input,
-        [backbone.get_layer("conv2").output, backbone.output],
+    conv2 = backbone.get_layer("conv2")
+    body = keras.Model(backbone.input, conv2.output)
+    head = keras.Model(conv2.output, backbone.output)
+    activation = to_numpy(body(x))
+    _, expected = grad_at(
+        lambda a: ops.sum(model.layers[-1](head(a))[:, 1]), activation
     )
-    with tf.GradientTape() as tape:
-        activation, logits = inner(x)
-        total = tf.reduce_sum(model.layers[-1](logits)[:, 1])
-    expected = tape.gradient(total, activation)
-    np.testing.assert_allclose(grads["backbone/conv2"], expected, atol=1e-6)
-    np.testing.assert_allclose(taps["backbone/conv2"], activation, atol=1e-6)
+    assert_close(grads["backbone/conv2"], expected, atol=1e-6)
+    assert_close(taps["backbone/conv2"], activation, atol=1e-6)
 
 
 def test_gradient_is_zero_where_target_does_not_depend():
@@ -84,10 +87,10 @@ def test_gradient_is_zero_where_target_does_not_depend():
     model = keras.Model(inputs, [a, b])
     tap_model = kt.TapModel(model, {"ta": "a", "tb": "b"})
     _, _, grads = tap_model.gradients(
-        np.ones((2, 4), "float32"), target=lambda p: tf.reduce_sum(p[0], 1)
+        np.ones((2, 4), "float32"), target=lambda p: ops.sum(p[0], 1)
     )
-    np.testing.assert_array_equal(grads["tb"], np.zeros((2, 3)))
-    np.testing.assert_allclose(grads["ta"], np.ones((2, 3)))
+    np.testing.assert_array_equal(to_numpy(grads["tb"]), np.zeros((2, 3)))
+    assert_close(grads["ta"], np.ones((2, 3)))
 
 
 def test_gradients_bad_targets():
@@ -100,23 +103,26 @@ def test_gradients_bad_targets():
 
 def make_gradcam_heatmap(img_array, model, last_conv_layer_name,
                          pred_index=None):
-    """keras-io's Grad-CAM recipe (keras.io/examples/vision/grad_cam)."""
-    grad_model = keras.models.Model(
-        model.inputs,
-        [model.get_layer(last_conv_layer_name).output, model.output],
+    """keras-io's Grad-CAM recipe (keras.io/examples/vision/grad_cam),
+    with its `tf.GradientTape` over a two-output model written for every
+    backend: the model cut at the last conv layer, and the backend's
+    autodiff at the cut."""
+    layer = model.get_layer(last_conv_layer_name)
+    body = keras.Model(model.inputs, layer.output)
+    head = keras.Model(layer.output, model.output)
+    last_conv_layer_output = to_numpy(body(img_array))
+    preds = to_numpy(head(last_conv_layer_output))
+    if pred_index is None:
+        pred_index = int(np.argmax(preds[0]))
+    _, grads = grad_at(
+        lambda a: ops.sum(head(a)[:, pred_index]), last_conv_layer_output
     )
-    with tf.GradientTape() as tape:
-        last_conv_layer_output, preds = grad_model(img_array)
-        if pred_index is None:
-            pred_index = tf.argmax(preds[0])
-        class_channel = preds[:, pred_index]
-    grads = tape.gradient(class_channel, last_conv_layer_output)
-    pooled_grads = tf.reduce_mean(grads, axis=(0, 1, 2))
+    pooled_grads = np.mean(grads, axis=(0, 1, 2))
     last_conv_layer_output = last_conv_layer_output[0]
-    heatmap = last_conv_layer_output @ pooled_grads[..., tf.newaxis]
-    heatmap = tf.squeeze(heatmap)
-    heatmap = tf.maximum(heatmap, 0) / tf.math.reduce_max(heatmap)
-    return heatmap.numpy()
+    heatmap = last_conv_layer_output @ pooled_grads[..., np.newaxis]
+    heatmap = np.squeeze(heatmap)
+    heatmap = np.maximum(heatmap, 0) / np.max(heatmap)
+    return heatmap
 
 
 @pytest.mark.parametrize("class_index", [None, 3])
@@ -195,20 +201,20 @@ def test_grad_cam_example_reaches_the_nested_backbone(tmp_path):
     images = keras.applications.mobilenet_v2.preprocess_input(
         example.images(2)
     )
-    grad_model = keras.Model(
-        backbone.input, [backbone.get_layer("out_relu").output,
-                         backbone.output],
-    )
+    # The backbone ends at `out_relu`: the head is the Sequential's tail.
+    assert backbone.output is backbone.get_layer("out_relu").output
+
+    def predict(conv):
+        return model.layers[2](model.layers[1](conv))
+
     for i in range(2):
-        with tf.GradientTape() as tape:
-            conv, features = grad_model(images[i:i + 1])
-            preds = model.layers[2](model.layers[1](features))
-            score = preds[:, int(tf.argmax(preds[0]))]
-        pooled = tf.reduce_mean(tape.gradient(score, conv), axis=(0, 1, 2))
-        heatmap = tf.squeeze(conv[0] @ pooled[..., tf.newaxis])
-        heatmap = np.asarray(tf.maximum(heatmap, 0))
+        conv = to_numpy(backbone(images[i:i + 1]))
+        top = int(np.argmax(to_numpy(predict(conv))[0]))
+        _, grads = grad_at(lambda a: ops.sum(predict(a)[:, top]), conv)
+        pooled = np.mean(grads, axis=(0, 1, 2))
+        heatmap = np.maximum(np.squeeze(conv[0] @ pooled[..., None]), 0)
         expected = heatmap / heatmap.max() if heatmap.max() > 0 else heatmap
-        np.testing.assert_allclose(heatmaps[i], expected, atol=1e-5)
+        assert_close(heatmaps[i], expected, atol=1e-5)
 
 
 def test_gradcam_cli_writes_overlays(tmp_path):
@@ -248,6 +254,7 @@ def test_gradcam_cli_writes_overlays(tmp_path):
     assert "--tap" in done.stderr and "conv1" in done.stderr
 
 
+@pytest.mark.cross_backend
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_gradients_and_edits_on_other_backends(backend):
     import importlib.util

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from keras import ops
 
+pytestmark = pytest.mark.cross_backend
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = [
     b for b, module in (("tensorflow", "tensorflow"), ("jax", "jax"),

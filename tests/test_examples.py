@@ -1,15 +1,22 @@
-"""The research example: a PCGrad `TapModel` subclass."""
+"""The research example: a PCGrad `TapModel` subclass.
+
+The example's `train_step` is TensorFlow code (`tf.GradientTape`): the
+tests of its step run on TensorFlow, in a fresh process with
+`KERAS_BACKEND=tensorflow` when the suite runs on another backend. Its
+gradient surgery (`pcgrad`) is `keras.ops` and runs on every backend.
+"""
 
 import importlib.util
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import BACKEND, to_numpy
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "research_pcgrad.py"
@@ -23,6 +30,42 @@ def example():
     return module
 
 
+def _env(backend):
+    return dict(
+        os.environ,
+        KERAS_BACKEND=backend,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        CUDA_VISIBLE_DEVICES="",
+    )
+
+
+def on_tensorflow(test_name):
+    """Whether to run `test_name` here: True on TensorFlow. On another
+    backend, runs that test of this file in a fresh process on TensorFlow
+    (asserting it passes) and returns False."""
+    if BACKEND == "tensorflow":
+        return True
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"{pathlib.Path(__file__).resolve()}::{test_name}",
+        ],
+        env=_env("tensorflow"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(ROOT),
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "1 passed" in done.stdout, done.stdout[-3000:]
+    return False
+
+
 def _flat(grads):
     return np.concatenate([np.ravel(g) for g in grads])
 
@@ -32,9 +75,11 @@ def test_pcgrad_projection_matches_numpy(example, sign):
     rng = np.random.default_rng(0)
     main = [rng.normal(size=(3, 2)), rng.normal(size=(4,))]
     tap = [sign * m + 0.3 * rng.normal(size=m.shape) for m in main]
-    grads, stats = example.pcgrad(
-        [tf.constant(g, tf.float32) for g in main],
-        [tf.constant(g, tf.float32) for g in tap],
+    grads, stats = to_numpy(
+        example.pcgrad(
+            [keras.ops.convert_to_tensor(g, "float32") for g in main],
+            [keras.ops.convert_to_tensor(g, "float32") for g in tap],
+        )
     )
     m, t = _flat(main), _flat(tap)
     dot = m @ t
@@ -53,6 +98,10 @@ def test_pcgrad_projection_matches_numpy(example, sign):
 
 
 def test_pcgrad_step_matches_a_hand_computed_update(example):
+    if not on_tensorflow("test_pcgrad_step_matches_a_hand_computed_update"):
+        return
+    import tensorflow as tf
+
     x, y = example.load_data(samples=64)
     tap_model = example.build_model()
     tap_model.compile(
@@ -94,6 +143,10 @@ def test_pcgrad_step_matches_a_hand_computed_update(example):
 
 
 def test_pcgrad_step_runs_one_forward_pass(example):
+    if not on_tensorflow("test_pcgrad_step_runs_one_forward_pass"):
+        return
+    import tensorflow as tf
+
     x, y = example.load_data(samples=64)
     tap_model = example.build_model()
     calls = []
@@ -111,11 +164,31 @@ def test_pcgrad_step_runs_one_forward_pass(example):
     assert len(calls) == 1
 
 
+def test_example_refuses_another_backend_by_name(example):
+    if BACKEND != "tensorflow":
+        message = f"tf.GradientTape.*TensorFlow backend.*'{BACKEND}'"
+        with pytest.raises(RuntimeError, match=message):
+            example.build_model()
+        return
+    message = "tf.GradientTape.*TensorFlow backend.*'jax'"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--epochs", "1", "--samples", "64"],
+        env=_env("jax"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(ROOT),
+    )
+    assert done.returncode != 0
+    assert "RuntimeError" in done.stderr
+    assert re.search(message, done.stderr), done.stderr[-3000:]
+
+
 def test_example_runs_as_a_script():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    # Whatever the suite's backend: the example is TensorFlow code.
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--epochs", "1", "--samples", "256"],
-        env=env,
+        env=_env("tensorflow"),
         capture_output=True,
         text=True,
         timeout=300,

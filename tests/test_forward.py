@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from conftest import Counter, dense_ref
+from conftest import Counter, dense_ref, to_numpy
 
 from keras_tap.taps import forward, paths
 
@@ -49,8 +49,8 @@ def test_graph_forward_returns_predictions_and_points(x4):
     index = paths.LayerIndex(model)
     run = forward.build(index, _points(index, "h"), ["hid"])
     assert isinstance(run, forward.GraphForward)
-    predictions, values = run(x4)
-    expected = model(x4)
+    predictions, values = to_numpy(run(x4))
+    expected = to_numpy(model(x4))
     assert set(predictions) == {"first", "second"}
     for key in expected:
         np.testing.assert_allclose(predictions[key], expected[key], atol=1e-6)
@@ -78,13 +78,13 @@ def test_watched_forward_for_a_point_inside_a_subclassed_block(x4):
     run = forward.build(index, _points(index, "block/inner"), ["inner"])
     # The graph still runs rebuilt; the point inside the block is watched.
     assert isinstance(run, forward.GraphForward) and run.watcher is not None
-    predictions, values = run(x4)
+    predictions, values = to_numpy(run(x4))
     hidden = dense_ref(model.get_layer("h"), x4, "relu")
     np.testing.assert_allclose(
         values["inner"], dense_ref(block.inner, hidden, "relu"), atol=1e-5
     )
     np.testing.assert_allclose(
-        predictions["first"], model(x4)["first"], atol=1e-6
+        predictions["first"], to_numpy(model(x4)["first"]), atol=1e-6
     )
     assert int(late.count.numpy()) == start + 2  # run, then model(x4).
     assert "call" not in vars(block.inner)

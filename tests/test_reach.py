@@ -3,8 +3,15 @@
 import keras
 import numpy as np
 import pytest
+from conftest import to_numpy
 
 import keras_tap as kt
+
+
+def assert_close(actual, expected, rtol=1e-7, atol=0.0):
+    np.testing.assert_allclose(
+        to_numpy(actual), to_numpy(expected), rtol=rtol, atol=atol
+    )
 
 
 def _x(*shape, seed=0):
@@ -40,11 +47,11 @@ def test_subclassed_model_sublayers_at_any_depth():
     ]
     _, taps = kt.TapModel(net, ["block/part", "block/part:input"])(x)
     part = net.block.parts[0]
-    np.testing.assert_allclose(
-        taps["block/part"], x @ np.asarray(part.kernel) + part.bias,
+    assert_close(
+        taps["block/part"], x @ to_numpy(part.kernel) + to_numpy(part.bias),
         atol=1e-5,
     )
-    np.testing.assert_allclose(taps["block/part:input"], x)
+    assert_close(taps["block/part:input"], x)
 
 
 # -- 2. suffixes and structured outputs ----------------------------------
@@ -74,25 +81,27 @@ def test_input_and_output_suffixes_equal_their_references():
             "mha", "q:input"]
     tap_model = kt.TapModel(model, taps)
     predictions, got = tap_model(x)
-    a, b = model.get_layer("a")(x), model.get_layer("b")(x)
+    a, b = to_numpy([model.get_layer("a")(x), model.get_layer("b")(x)])
     total = a + b
     enc = model.get_layer("enc")
-    once = enc(total)
-    np.testing.assert_allclose(got["enc@1:input"], once, atol=1e-5)
-    np.testing.assert_allclose(got["q:input"], enc(once), atol=1e-5)
-    np.testing.assert_allclose(got["sum:input"][0], a, atol=1e-5)
-    np.testing.assert_allclose(got["sum:input"][1], b, atol=1e-5)
+    once = to_numpy(enc(total))
+    assert_close(got["enc@1:input"], once, atol=1e-5)
+    assert_close(got["q:input"], enc(once), atol=1e-5)
+    assert_close(got["sum:input"][0], a, atol=1e-5)
+    assert_close(got["sum:input"][1], b, atol=1e-5)
     v = np.reshape(total, (5, 2, 2))
-    np.testing.assert_allclose(got["mha:input[1]"], v, atol=1e-5)
+    assert_close(got["mha:input[1]"], v, atol=1e-5)
     _, scores = model.get_layer("mha")(
-        np.reshape(enc(once), (5, 2, 2)), v, return_attention_scores=True
+        np.reshape(to_numpy(enc(once)), (5, 2, 2)),
+        v,
+        return_attention_scores=True,
     )
     # A bare path on a tuple output stands for the whole structure.
     assert isinstance(got["mha"], (tuple, list)) and len(got["mha"]) == 2
-    np.testing.assert_allclose(got["mha:output[1]"], scores, atol=1e-6)
-    np.testing.assert_allclose(got["mha"][1], scores, atol=1e-6)
-    np.testing.assert_allclose(
-        predictions[1], np.reshape(scores, (5, -1)), atol=1e-6
+    assert_close(got["mha:output[1]"], scores, atol=1e-6)
+    assert_close(got["mha"][1], scores, atol=1e-6)
+    assert_close(
+        predictions[1], np.reshape(to_numpy(scores), (5, -1)), atol=1e-6
     )
     # extract returns every element of a structured tap.
     values = tap_model.extract(x, taps=["mha", "sum:input"], verbose=0)
@@ -100,7 +109,7 @@ def test_input_and_output_suffixes_equal_their_references():
         "mha:output[0]", "mha:output[1]", "sum:input:output[0]",
         "sum:input:output[1]",
     ]
-    np.testing.assert_allclose(values["mha:output[1]"], scores, atol=1e-6)
+    assert_close(values["mha:output[1]"], scores, atol=1e-6)
     records = {r.path: r for r in kt.list_layers(model)}
     assert records["mha"].output_shape == ((None, 2, 2), (None, 2, 2, 2))
 
@@ -145,7 +154,7 @@ def test_dict_output_of_a_sublayer():
     x = _x(3, 4)
     net(x)
     _, taps = kt.TapModel(net, ["split:output[high]"])(x)
-    np.testing.assert_allclose(taps["split:output[high]"], x[:, 2:])
+    assert_close(taps["split:output[high]"], x[:, 2:])
 
 
 # -- 3. nested graph models with clashing names ---------------------------
@@ -169,15 +178,15 @@ def test_two_towers_from_one_factory():
     x = _x(4, 6)
     tap_model = kt.TapModel(model, ["stream_a/fc", "stream_b/fc", "join"])
     predictions, got = tap_model(x)
-    np.testing.assert_allclose(predictions, model(x), atol=1e-6)
+    assert_close(predictions, model(x), atol=1e-6)
     for tower in (stream_a, stream_b):
         alone = keras.Model(tower.inputs, tower.get_layer("fc").output)
-        np.testing.assert_allclose(got[f"{tower.name}/fc"], alone(x),
+        assert_close(got[f"{tower.name}/fc"], alone(x),
                                    atol=1e-6)
     # Weights stay shared: one set per tower, not copies.
     assert tap_model.count_params() == model.count_params()
     values = tap_model.extract(x, taps=["stream_b/proj"], verbose=0)
-    np.testing.assert_allclose(values["stream_b/proj"], stream_b(x),
+    assert_close(values["stream_b/proj"], stream_b(x),
                                atol=1e-6)
 
 
@@ -199,7 +208,7 @@ def test_two_mobilenet_streams():
     _, got = kt.TapModel(model, ["stream_a/Conv1", "stream_b/Conv1"])(x)
     for stream in streams:
         alone = keras.Model(stream.inputs, stream.get_layer("Conv1").output)
-        np.testing.assert_allclose(got[f"{stream.name}/Conv1"], alone(x),
+        assert_close(got[f"{stream.name}/Conv1"], alone(x),
                                    atol=1e-5)
 
 
@@ -222,16 +231,16 @@ def test_op_points_equal_the_op_on_the_previous_output():
     x = _x(5, 4)
     _, got = kt.TapModel(model, {"relu": relu_name, "sum": add_name,
                                  "first": item_name})(x)
-    hidden = x @ np.asarray(dense.kernel) + np.asarray(dense.bias)
-    np.testing.assert_allclose(got["relu"], np.maximum(hidden, 0), atol=1e-5)
-    np.testing.assert_allclose(
+    hidden = x @ to_numpy(dense.kernel) + to_numpy(dense.bias)
+    assert_close(got["relu"], np.maximum(hidden, 0), atol=1e-5)
+    assert_close(
         got["sum"], hidden + np.maximum(hidden, 0), atol=1e-5
     )
-    np.testing.assert_allclose(
+    assert_close(
         got["first"], (hidden + np.maximum(hidden, 0))[..., 0], atol=1e-5
     )
     got = kt.TapModel(model, [f"{add_name}:input[1]"])(x)[1]
-    np.testing.assert_allclose(
+    assert_close(
         got[f"{add_name}:input[1]"], np.maximum(hidden, 0), atol=1e-5
     )
 
@@ -252,11 +261,11 @@ def test_mha_softmax_equals_return_attention_scores():
     tap_model = kt.TapModel(model, ["mha/softmax"])  # suffix-free
     predictions, got = tap_model(x)
     output, scores = mha(x, x, return_attention_scores=True)
-    np.testing.assert_allclose(got["mha/softmax"], scores, atol=1e-6)
-    np.testing.assert_allclose(predictions, output, atol=1e-5)
+    assert_close(got["mha/softmax"], scores, atol=1e-6)
+    assert_close(predictions, output, atol=1e-5)
     # The Layer object works as well, and the layer is left as it was.
     _, got = kt.TapModel(model, [mha._softmax])(x)
-    np.testing.assert_allclose(got[softmax[0]], scores, atol=1e-6)
+    assert_close(got[softmax[0]], scores, atol=1e-6)
     assert "call" not in vars(mha) and "call" not in vars(mha._softmax)
 
 
@@ -346,6 +355,6 @@ def test_layer_object_tap_saves_a_process_stable_path(tmp_path):
     loaded = keras.models.load_model(path)
     x = _x(2, 4, 8)
     _, scores = mha(x, x, return_attention_scores=True)
-    np.testing.assert_allclose(loaded(x)[1]["att"], scores, atol=1e-6)
+    assert_close(loaded(x)[1]["att"], scores, atol=1e-6)
 
 

@@ -4,10 +4,16 @@ ViT blocks, attention probabilities, probes, training and teachers."""
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import to_numpy, value_and_grad
 
 import keras_tap as kt
 from keras_tap.taps import paths
+
+
+def assert_close(actual, expected, rtol=1e-7, atol=0.0):
+    np.testing.assert_allclose(
+        to_numpy(actual), to_numpy(expected), rtol=rtol, atol=atol
+    )
 
 
 def _x(*shape, seed=0):
@@ -62,18 +68,18 @@ def test_vit_blocks_equal_applying_the_blocks_by_hand(vit):
     tap_model = kt.TapModel(vit, taps)
     x = _x(3, 32, 32, 3)
     predictions, got = tap_model(x)
-    np.testing.assert_allclose(predictions, vit(x), atol=1e-5)
+    assert_close(predictions, vit(x), atol=1e-5)
     encoder = vit.get_layer("vit_encoder")
     hidden = vit.get_layer("vit_patching_and_embedding")(x)
     first = encoder.encoder_layers[0](hidden)
     second = encoder.encoder_layers[1](first)
-    np.testing.assert_allclose(got[taps[0]], first, atol=1e-5)
-    np.testing.assert_allclose(got[taps[1]], second, atol=1e-5)
+    assert_close(got[taps[0]], first, atol=1e-5)
+    assert_close(got[taps[1]], second, atol=1e-5)
     dense = encoder.encoder_layers[1].mlp.dense_1
-    kernel, bias = (np.asarray(w) for w in dense.weights)
-    pre = np.asarray(got[taps[2]]) @ kernel + bias
+    kernel, bias = to_numpy(dense.weights)
+    pre = to_numpy(got[taps[2]]) @ kernel + bias
     expected = keras.activations.get(dense.activation)(pre)
-    np.testing.assert_allclose(got[taps[3]], expected, atol=1e-5)
+    assert_close(got[taps[3]], expected, atol=1e-5)
 
 
 def test_vit_attention_probabilities(vit):
@@ -84,7 +90,7 @@ def test_vit_attention_probabilities(vit):
     _, got = tap_model(x)
     normed = got[f"{path}/ln_1"]
     _, scores = block.mha(normed, normed, return_attention_scores=True)
-    np.testing.assert_allclose(got[f"{path}/mha/softmax"], scores, atol=1e-6)
+    assert_close(got[f"{path}/mha/softmax"], scores, atol=1e-6)
     assert got[f"{path}/mha/softmax"].shape == (2, 2, 17, 17)
 
 
@@ -123,22 +129,22 @@ def test_training_step_inside_a_backbone_equals_a_gradient_tape(
         captured["a"] = original(*args, **kwargs)
         return captured["a"]
 
+    def loss():
+        out = reference(x, training=True)
+        activity = keras.ops.sum(keras.ops.square(captured["a"]), axis=[1, 2])
+        error = keras.ops.mean(keras.ops.square(keras.ops.subtract(out, y)))
+        return error + 0.1 * keras.ops.mean(activity)
+
+    variables = reference.trainable_variables
     point.layer.call = hook
     try:
-        with tf.GradientTape() as tape:
-            out = reference(x, training=True)
-            loss = tf.reduce_mean((out - y) ** 2)
-            loss += 0.1 * tf.reduce_mean(
-                tf.reduce_sum(tf.square(captured["a"]), axis=[1, 2])
-            )
+        _, grads = value_and_grad(loss, variables)
     finally:
         del point.layer.call
-    variables = reference.trainable_variables
-    grads = tape.gradient(loss, variables)
     for var, grad in zip(variables, grads):
-        var.assign(var - 0.1 * tf.convert_to_tensor(grad))
+        var.assign(to_numpy(var) - 0.1 * grad)
     for got, want in zip(base.get_weights(), reference.get_weights()):
-        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert_close(got, want, atol=1e-5)
 
 
 def test_teacher_path_and_statistics_inside_layers(vit, keras_hub):
@@ -153,7 +159,7 @@ def test_teacher_path_and_statistics_inside_layers(vit, keras_hub):
     x = _x(2, 32, 32, 3)
     teacher_taps = tap_model.teacher_taps(x)
     _, reference = kt.TapModel(vit, [path])(x)
-    np.testing.assert_allclose(teacher_taps["att"], reference[path],
+    assert_close(teacher_taps["att"], reference[path],
                                atol=1e-6)
     tap_model.compile("sgd", loss="mse")
     stats = kt.callbacks.TapStatistics()
@@ -162,7 +168,7 @@ def test_teacher_path_and_statistics_inside_layers(vit, keras_hub):
     )
     assert "att_loss" in history.history
     assert "att_mean" in history.history
-    np.testing.assert_allclose(
+    assert_close(
         history.history["att_mean"][0], 1 / 17, rtol=1e-4
     )
 
@@ -225,11 +231,11 @@ def test_attention_probabilities_of_token_backbones(keras_hub, name):
     predictions, taps = tap_model(x)
     for got, want in zip(keras.tree.flatten(predictions),
                          keras.tree.flatten(model(x))):
-        np.testing.assert_allclose(got, want, atol=1e-5)
-    probabilities = np.asarray(taps[softmax[1].path])
-    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
+        assert_close(got, want, atol=1e-5)
+    probabilities = to_numpy(taps[softmax[1].path])
+    assert_close(probabilities.sum(-1), 1.0, atol=1e-5)
     # No weight on the padding tokens; causal decoders look back only.
-    np.testing.assert_allclose(probabilities[..., :6, 6:], 0.0, atol=1e-6)
+    assert_close(probabilities[..., :6, 6:], 0.0, atol=1e-6)
     if name != "bert":
         upper = np.triu(np.ones((8, 8), bool), k=1)
         assert np.all(probabilities[..., upper] < 1e-6)
@@ -245,7 +251,7 @@ def test_feature_model_inside_blocks_as_a_layer(vit):
         vit.get_layer("vit_patching_and_embedding")(x)
     )
     values = features(x)
-    np.testing.assert_allclose(values[blocks[0]], first, atol=1e-5)
+    assert_close(values[blocks[0]], first, atol=1e-5)
     assert values[blocks[1]].shape == (2, 2, 17, 17)
     # Used as a layer of another model, and trained through.
     inputs = keras.Input((32, 32, 3))
@@ -253,7 +259,7 @@ def test_feature_model_inside_blocks_as_a_layer(vit):
     pooled = keras.layers.GlobalAveragePooling1D()(feats[blocks[0]])
     head = keras.Model(inputs, keras.layers.Dense(1)(pooled))
     head.compile("sgd", loss="mse")
-    before = np.asarray(encoder.encoder_layers[0].mlp.dense_1.kernel).copy()
+    before = to_numpy(encoder.encoder_layers[0].mlp.dense_1.kernel).copy()
     head.fit(x, np.ones((2, 1)), epochs=1, verbose=0)
-    after = np.asarray(encoder.encoder_layers[0].mlp.dense_1.kernel)
+    after = to_numpy(encoder.encoder_layers[0].mlp.dense_1.kernel)
     assert not np.allclose(before, after)

@@ -3,11 +3,14 @@ import math
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import BACKEND, dtype_name, to_numpy
 
 from keras_tap.training import schedules
 
 STEPS = [0, 1, 7, 25, 50, 99, 100, 101, 250]
+# The integer dtypes of a step counter (JAX has no int64 unless x64 is on;
+# its optimizer counts steps in int32).
+STEP_DTYPES = ["int32"] if BACKEND == "jax" else ["int32", "int64"]
 
 
 def ref_linear_warmup(step, start, end, steps):
@@ -59,7 +62,7 @@ IDS = [repr(schedule) for schedule, _ in CASES]
 def test_values_match_numpy_formula(schedule, reference):
     for step in STEPS:
         value = schedule(step)
-        assert value.dtype == "float32"
+        assert dtype_name(value) == "float32"
         assert tuple(value.shape) == ()
         np.testing.assert_allclose(
             float(value), reference(step), rtol=1e-5, atol=1e-7
@@ -68,13 +71,17 @@ def test_values_match_numpy_formula(schedule, reference):
 
 @pytest.mark.parametrize("schedule, reference", CASES, ids=IDS)
 def test_accepts_integer_tensors_and_variables(schedule, reference):
-    for step in (
-        tf.constant(25, tf.int64),
-        tf.constant(25, tf.int32),
-        tf.Variable(25, dtype=tf.int64),
-    ):
+    steps = [keras.ops.convert_to_tensor(25, dtype) for dtype in STEP_DTYPES]
+    steps += [
+        keras.Variable(25, dtype=dtype, trainable=False)
+        for dtype in STEP_DTYPES
+    ]
+    for step in steps:
         np.testing.assert_allclose(
-            float(schedule(step)), reference(25), rtol=1e-5, atol=1e-7
+            float(to_numpy(schedule(step))),
+            reference(25),
+            rtol=1e-5,
+            atol=1e-7,
         )
 
 
@@ -84,6 +91,8 @@ def test_accepts_integer_tensors_and_variables(schedule, reference):
 )
 @pytest.mark.parametrize("schedule, reference", CASES, ids=IDS)
 def test_one_trace_for_a_changing_step_variable(schedule, reference):
+    import tensorflow as tf
+
     traces = []
     step = tf.Variable(0, dtype=tf.int64)
 
@@ -102,11 +111,59 @@ def test_one_trace_for_a_changing_step_variable(schedule, reference):
     )
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="jax.jit tracing is JAX's own")
+@pytest.mark.parametrize("schedule, reference", CASES, ids=IDS)
+def test_one_jax_jit_trace_for_a_changing_step(schedule, reference):
+    import jax
+
+    traces = []
+
+    @jax.jit
+    def weight(step):
+        traces.append(1)
+        return schedule(step)
+
+    values = [
+        float(weight(keras.ops.convert_to_tensor(step, "int32")))
+        for step in STEPS
+    ]
+    assert len(traces) == 1
+    np.testing.assert_allclose(
+        values, [reference(s) for s in STEPS], rtol=1e-5, atol=1e-7
+    )
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax.jit tracing is JAX's own")
+def test_weight_follows_the_step_counter_in_a_jax_stateless_step():
+    # As Keras's JAX trainer runs a step: the optimizer's variables are
+    # traced arguments, mapped onto the variables by a `StatelessScope`.
+    import jax
+
+    schedule = schedules.LinearWarmup(0.0, 1.0, steps=10)
+    optimizer = keras.optimizers.SGD()
+    optimizer.build([])
+    traces = []
+
+    @jax.jit
+    def weight(iterations):
+        traces.append(1)
+        mapping = [(optimizer.iterations, iterations)]
+        with keras.StatelessScope(state_mapping=mapping):
+            return schedule(optimizer.iterations)
+
+    first = float(weight(optimizer.iterations.value))
+    second = float(weight(optimizer.iterations.value + 5))
+    assert (first, second) == (0.0, 0.5)
+    assert len(traces) == 1
+
+
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
     reason="tf.function tracing is TensorFlow's own",
 )
 def test_weight_changes_inside_one_trace():
+    import tensorflow as tf
+
     schedule = schedules.LinearWarmup(0.0, 1.0, steps=10)
     optimizer = keras.optimizers.SGD()
     optimizer.build([])
@@ -140,8 +197,8 @@ def test_piecewise_matches_keras_piecewise_constant_decay():
         boundaries, values
     )
     for step in range(0, 40):
-        step = tf.constant(step, tf.int64)
-        assert float(ours(step)) == float(theirs(step))
+        step = keras.ops.convert_to_tensor(step, STEP_DTYPES[-1])
+        assert float(to_numpy(ours(step))) == float(to_numpy(theirs(step)))
 
 
 @pytest.mark.parametrize("schedule, reference", CASES, ids=IDS)

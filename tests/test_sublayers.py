@@ -328,7 +328,9 @@ def test_found_softmax_gives_the_attention_scores(two_attentions, monkeypatch):
     _, scores = mha(query, value, return_attention_scores=True)
     assert len(seen) == 1
     assert tuple(seen[0].shape) == (2, 2, 5, 7)  # (batch, heads, q, k)
-    np.testing.assert_allclose(np.asarray(seen[0]), np.asarray(scores))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(seen[0]), keras.ops.convert_to_numpy(scores)
+    )
 
 
 def test_suffix_free_segment_resolves_in_each_layer(two_attentions):

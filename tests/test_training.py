@@ -1,7 +1,8 @@
 """Training a `TapModel`: the contract's math, logging, targets, weights.
 
-Every numeric check compares `fit` with a hand-written `tf.GradientTape`
-loop (or a NumPy computation) that does the API contract's math:
+Every numeric check compares `fit` with a hand-written loop (the active
+backend's own autodiff, through `value_and_grad` of conftest) or a NumPy
+computation that does the API contract's math:
 `prediction_loss + sum(weight_i * (loss_i + reg_i)) + sum(model.losses)`,
 with a Keras `Regularizer`'s value divided by the batch size, the tap losses
 sample-weighted and the regularizers not.
@@ -10,9 +11,11 @@ sample-weighted and the regularizers not.
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import BACKEND, dtype_name, to_numpy, value_and_grad
 
 import keras_tap as kt
+
+ops = keras.ops
 
 N, B, CLASSES, LR = 32, 8, 3, 0.05
 SCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -74,26 +77,26 @@ def tapped_view(model):
 
 
 def contract_terms(view, x, y, feat, w_pred=None, w_feat=None):
-    """The contract's loss terms, written out with `tf` ops."""
+    """The contract's loss terms, written out with `keras.ops`."""
     logits, a1, a2, f = view(x, training=True)
-    batch = tf.cast(tf.shape(x)[0], tf.float32)
+    batch = float(len(x))
     per_sample = keras.losses.sparse_categorical_crossentropy(
         y, logits, from_logits=True
     )
     if w_pred is not None:
-        per_sample = per_sample * w_pred
-    pred_loss = tf.reduce_sum(per_sample) / batch
-    conv1 = L2_CONV1 * tf.reduce_sum(tf.square(a1)) / batch
-    conv2 = L2_CONV2 * tf.reduce_mean(
-        tf.reduce_sum(tf.reshape(tf.square(a2), (tf.shape(a2)[0], -1)), 1)
+        per_sample = ops.multiply(per_sample, w_pred)
+    pred_loss = ops.sum(per_sample) / batch
+    conv1 = L2_CONV1 * ops.sum(ops.square(a1)) / batch
+    conv2 = L2_CONV2 * ops.mean(
+        ops.sum(ops.reshape(ops.square(a2), (len(x), -1)), 1)
     )
-    mse = tf.reduce_mean(tf.square(feat - f), axis=-1)
+    mse = ops.mean(ops.square(ops.subtract(feat, f)), axis=-1)
     if w_feat is not None:
-        mse = mse * w_feat
-    feat_term = tf.reduce_sum(mse) / batch + L1_FEAT * tf.reduce_mean(
-        tf.reduce_sum(tf.abs(f), axis=-1)
+        mse = ops.multiply(mse, w_feat)
+    feat_term = ops.sum(mse) / batch + L1_FEAT * ops.mean(
+        ops.sum(ops.abs(f), axis=-1)
     )
-    extra = tf.add_n(view.losses)
+    extra = ops.sum(ops.stack(view.losses))
     total = pred_loss + W_CONV1 * conv1 + conv2 + W_FEAT * feat_term + extra
     return total, {
         "predictions_loss": pred_loss,
@@ -111,12 +114,19 @@ def hand_train(x, y, feat, w_pred=None, w_feat=None, steps_per_epoch=None):
         s = slice(start, start + B)
         wp = None if w_pred is None else w_pred[s]
         wf = None if w_feat is None else w_feat[s]
-        with tf.GradientTape() as tape:
-            total, _ = contract_terms(view, x[s], y[s], feat[s], wp, wf)
-        grads = tape.gradient(total, model.trainable_variables)
-        for var, grad in zip(model.trainable_variables, grads):
-            var.assign_sub(LR * grad)
+        variables = model.trainable_variables
+        _, grads = value_and_grad(
+            lambda: contract_terms(view, x[s], y[s], feat[s], wp, wf)[0],
+            variables,
+        )
+        sgd_step(variables, grads)
     return model.get_weights()
+
+
+def sgd_step(variables, grads):
+    """`variable -= LR * grad`, in NumPy."""
+    for var, grad in zip(variables, grads):
+        var.assign(to_numpy(var) - LR * grad)
 
 
 def compiled_tap_model(taps=None, metrics=None, **compile_kwargs):
@@ -126,6 +136,14 @@ def compiled_tap_model(taps=None, metrics=None, **compile_kwargs):
         keras.optimizers.SGD(LR), loss=SCE, metrics=metrics, **compile_kwargs
     )
     return tap_model
+
+
+def refused_on_torch(compile_kwargs):
+    """Whether Keras's PyTorch trainer refuses these `compile` arguments:
+    it runs one step per call, and `fit` raises on `steps_per_execution`
+    above 1."""
+    steps = compile_kwargs.get("steps_per_execution", 1)
+    return BACKEND == "torch" and steps > 1
 
 
 def assert_weights_close(actual, expected, atol=1e-4):
@@ -185,7 +203,7 @@ def test_sample_weight_does_not_weight_regularizers():
     )
     assert logs["predictions_loss"] == pytest.approx(0.0, abs=1e-7)
     assert logs["conv1_loss"] > 0 and logs["conv2_loss"] > 0
-    for key, value in terms.items():
+    for key, value in to_numpy(terms).items():
         assert logs[key] == pytest.approx(float(value), rel=1e-4, abs=1e-6)
 
 
@@ -195,8 +213,8 @@ def test_sample_weight_does_not_weight_regularizers():
 def test_history_logs_unweighted_terms_on_one_batch():
     x, y, feat = make_data()
     view = tapped_view(make_cnn())
-    total, terms = contract_terms(view, x, y, feat)
-    logits = view(x)[0]
+    total, terms = to_numpy(contract_terms(view, x, y, feat))
+    logits = to_numpy(view(x)[0])
     accuracy = np.mean(np.argmax(logits, -1) == y)
     tap_model = compiled_tap_model(metrics=["accuracy"])
     history = tap_model.fit(
@@ -216,7 +234,9 @@ def test_history_logs_unweighted_terms_on_one_batch():
         assert logs[key] == pytest.approx(float(value), rel=1e-4)
     # Validation runs after the update, on the trained weights.
     view_after = tapped_view(tap_model.base)
-    total_after, terms_after = contract_terms(view_after, x, y, feat)
+    total_after, terms_after = to_numpy(
+        contract_terms(view_after, x, y, feat)
+    )
     assert logs["val_loss"] == pytest.approx(float(total_after), rel=1e-4)
     for key, value in terms_after.items():
         assert logs[f"val_{key}"] == pytest.approx(float(value), rel=1e-4)
@@ -236,7 +256,7 @@ def test_logged_losses_are_sample_averages_over_the_epoch():
     sums = {}
     for start in range(0, 20, B):
         s = slice(start, start + B)
-        _, terms = contract_terms(view, x[s], y[s], feat[s])
+        _, terms = to_numpy(contract_terms(view, x[s], y[s], feat[s]))
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value) * len(x[s])
     for key, value in sums.items():
@@ -264,11 +284,11 @@ def test_tap_metrics_and_deep_supervision_with_adapter():
     base_weights = {id(w) for w in tap_model.base.weights}
     assert head.weights and not any(id(w) in base_weights for w in head.weights)
     _, activations = tap_model(x)
-    aux_logits = head(activations["aux"])
-    aux_loss = float(SCE(y, aux_logits))
+    aux_logits = to_numpy(head(activations["aux"]))
+    aux_loss = float(to_numpy(SCE(y, aux_logits)))
     aux_accuracy = np.mean(np.argmax(aux_logits, -1) == y)
-    head_before = [w.numpy().copy() for w in head.weights]
-    kernel_l2 = float(tf.add_n(tap_model.base.losses))
+    head_before = head.get_weights()
+    kernel_l2 = float(to_numpy(ops.sum(ops.stack(tap_model.base.losses))))
     history = tap_model.fit(x, y, batch_size=N, epochs=1, verbose=0)
     logs = {k: v[0] for k, v in history.history.items()}
     assert set(logs) == {
@@ -298,6 +318,10 @@ def test_missing_data_target_names_the_tap_and_keys():
 
 
 def test_tensorboard_callback_logs_tap_losses(tmp_path):
+    # Keras's TensorBoard callback writes with `tf.summary` on every
+    # backend; TensorFlow reads the event files back.
+    import tensorflow as tf
+
     x, y, feat = make_data()
     tap_model = compiled_tap_model()
     targets = {"predictions": y, "feat": feat}
@@ -338,6 +362,15 @@ def test_tensorboard_callback_logs_tap_losses(tmp_path):
 def test_jit_and_steps_per_execution_match_default(compile_kwargs):
     x, y, feat = make_data(n=48)
     targets = {"predictions": y, "feat": feat}
+    if refused_on_torch(compile_kwargs):
+        tap_model = compiled_tap_model(**compile_kwargs)
+        with pytest.raises(ValueError, match="steps_per_execution.*PyTorch"):
+            tap_model.fit(x, targets, batch_size=B, verbose=0)
+        return
+    # Keras's default ("auto") compiles with XLA on JAX, not on CPU
+    # TensorFlow or PyTorch: a plain Keras model says which.
+    plain = make_cnn()
+    plain.compile(keras.optimizers.SGD(LR), loss=SCE)
     results = []
     for kwargs in ({}, compile_kwargs):
         tap_model = compiled_tap_model(**kwargs)
@@ -345,7 +378,8 @@ def test_jit_and_steps_per_execution_match_default(compile_kwargs):
             x, targets, batch_size=B, epochs=2, shuffle=False, verbose=0
         )
         # Keras silently drops jit_compile, e.g. once op determinism is on.
-        assert tap_model.jit_compile == kwargs.get("jit_compile", False)
+        expected_jit = kwargs.get("jit_compile", plain.jit_compile)
+        assert tap_model.jit_compile == expected_jit
         logs = tap_model.evaluate(
             x, targets, batch_size=B, verbose=0, return_dict=True
         )
@@ -391,8 +425,8 @@ def test_mixed_float16_large_activation_l2_stays_finite(jit_compile):
         tap_model = kt.TapModel(model, taps)
         x = np.full((32, 64), 100.0, "float32")
         _, activations = tap_model(x)
-        a = np.asarray(activations["wide"], "float64")
-        assert activations["wide"].dtype == "float16"
+        a = to_numpy(activations["wide"]).astype("float64")
+        assert dtype_name(activations["wide"]) == "float16"
         assert float(np.sum(a**2)) > 65504  # overflows a float16 sum
         tap_model.compile(
             keras.optimizers.SGD(1e-9), loss="mse", jit_compile=jit_compile
@@ -441,6 +475,9 @@ def test_class_weight_with_tap_targets_equals_sample_weight_dict():
 
 
 def test_class_weight_on_a_dataset_with_tap_targets():
+    # Keras's `fit` takes a `tf.data.Dataset` on every backend.
+    import tensorflow as tf
+
     x, y, feat = make_data()
     dataset = tf.data.Dataset.from_tensor_slices(
         (x, {"predictions": y, "feat": feat})
@@ -475,7 +512,7 @@ def test_class_weight_with_plain_y_does_not_weight_tap_losses():
     assert weighted["aux_loss"] == pytest.approx(plain["aux_loss"], rel=1e-5)
     logits = make_cnn()(x)
     w_pred = np.array([CLASS_WEIGHT[c] for c in y], "float32")
-    expected = float(SCE(y, logits, sample_weight=w_pred))
+    expected = float(to_numpy(SCE(y, logits, sample_weight=w_pred)))
     assert weighted["predictions_loss"] == pytest.approx(expected, rel=1e-4)
     assert plain["predictions_loss"] != pytest.approx(expected, rel=1e-2)
 
@@ -493,10 +530,6 @@ def _traced_functions(function):
     return found
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="tf.function tracing is TensorFlow's own",
-)
 @pytest.mark.parametrize(
     "schedule, values",
     [
@@ -530,19 +563,27 @@ def test_schedule_changes_weight_inside_one_compiled_function(schedule, values):
     )
     for step, start in enumerate(range(0, N, B)):
         s = slice(start, start + B)
-        with tf.GradientTape() as tape:
+
+        def total(s=s, step=step):
             logits, a = view(x[s], training=True)
-            total = SCE(y[s], logits) + tf.add_n(view.losses)
-            total += values[step] * tf.reduce_sum(tf.square(a)) / B
-        grads = tape.gradient(total, expected.trainable_variables)
-        for var, grad in zip(expected.trainable_variables, grads):
-            var.assign_sub(LR * grad)
+            return (
+                SCE(y[s], logits)
+                + ops.sum(ops.stack(view.losses))
+                + values[step] * ops.sum(ops.square(a)) / B
+            )
+
+        _, grads = value_and_grad(total, expected.trainable_variables)
+        sgd_step(expected.trainable_variables, grads)
     assert_weights_close(model.get_weights(), expected.get_weights())
-    functions = _traced_functions(tap_model.train_function)
-    assert functions
-    assert all(f.experimental_get_tracing_count() == 1 for f in functions)
-    # Four steps ran with four different weights: no step retraced.
-    assert 1 <= len(traced) <= 2
+    if BACKEND == "tensorflow":
+        functions = _traced_functions(tap_model.train_function)
+        assert functions
+        assert all(f.experimental_get_tracing_count() == 1 for f in functions)
+    if BACKEND in ("tensorflow", "jax"):
+        # Four steps ran with four different weights inside one traced
+        # step (`tf.function`, `jax.jit`): no step retraced. PyTorch runs
+        # the step eagerly, calling `compute_tap_losses` every step.
+        assert 1 <= len(traced) <= 2
     np.testing.assert_allclose(
         [float(tap_model.tap_weights(s)["conv2"]) for s in range(4)],
         values,
@@ -574,7 +615,7 @@ def test_mask_of_a_tapped_tensor_is_respected(loss):
     target = rng.normal(size=(8, 6, 3)).astype("float32")
     _, activations = tap_model(x)
     mask = x != 0
-    errors = np.mean((np.asarray(activations["lstm"]) - target) ** 2, -1)
+    errors = np.mean((to_numpy(activations["lstm"]) - target) ** 2, -1)
     expected = errors[mask].mean()
     unmasked = errors.mean()
     assert abs(expected - unmasked) > 1e-3
@@ -625,19 +666,29 @@ def test_non_scalar_tap_loss_raises():
 
 @pytest.mark.parametrize(
     "compile_kwargs",
-    [{}, {"steps_per_execution": 2}, {"jit_compile": True}],
-    ids=["graph", "steps_per_execution", "jit"],
+    [
+        {},
+        {"steps_per_execution": 2},
+        {"jit_compile": True},
+        {"jit_compile": True, "steps_per_execution": 2},
+    ],
+    ids=["graph", "steps_per_execution", "jit", "both"],
 )
 def test_non_finite_tap_loss_stops_fit_before_the_bad_step(compile_kwargs):
     x, y, feat = make_data()
     feat = feat.copy()
     feat[2 * B + 3] = np.nan  # the third batch: step 2
     tap_model = compiled_tap_model(**compile_kwargs)
+    if refused_on_torch(compile_kwargs):
+        with pytest.raises(ValueError, match="steps_per_execution.*PyTorch"):
+            tap_model.fit(x, {"predictions": y, "feat": feat}, verbose=0)
+        return
     snapshots = {}
 
     class Snapshot(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            snapshots[batch] = tap_model.base.get_weights()
+            # `self.model`: on JAX it brings the variables up to date.
+            snapshots[batch] = self.model.base.get_weights()
 
     with pytest.raises(FloatingPointError) as info:
         tap_model.fit(
@@ -651,7 +702,13 @@ def test_non_finite_tap_loss_stops_fit_before_the_bad_step(compile_kwargs):
     message = str(info.value)
     assert "'feat'" in message and "step 2" in message
     assert "nan" in message.lower()
-    assert 3 not in snapshots
+    # No step after the bad one: callbacks see at most the end of the
+    # execution that holds it, with the weights of the last good step.
+    last = 2 + compile_kwargs.get("steps_per_execution", 1) - 1
+    assert max(snapshots) <= last
+    for batch in range(2, last + 1):
+        if batch in snapshots:
+            assert_weights_close(snapshots[batch], snapshots[1], atol=0)
     assert_weights_close(tap_model.base.get_weights(), snapshots[1], atol=0)
     assert all(np.isfinite(w).all() for w in tap_model.base.get_weights())
     assert int(tap_model.optimizer.iterations) == 2
@@ -690,9 +747,11 @@ def test_compute_tap_losses_override_is_used():
     taps = {"feat": kt.Tap("feat", regularizer="activity_l2", weight=2.0)}
     tap_model = Centered(model, taps)
     tap_model.compile(keras.optimizers.SGD(LR), loss=SCE)
-    a = np.asarray(keras.Model(model.input, model.get_layer("feat").output)(x))
+    a = to_numpy(
+        keras.Model(model.input, model.get_layer("feat").output)(x)
+    )
     expected = np.mean((a - a.mean(0)) ** 2)
-    kernel_l2 = float(tf.add_n(model.losses))
+    kernel_l2 = float(to_numpy(ops.sum(ops.stack(model.losses))))
     history = tap_model.fit(x, y, batch_size=N, verbose=0)
     logs = {k: v[0] for k, v in history.history.items()}
     assert logs["feat_loss"] == pytest.approx(expected, rel=1e-4)
@@ -732,8 +791,8 @@ def test_predictions_loss_is_computed_not_subtracted():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(N, 4)).astype("float32")
     y = rng.integers(0, CLASSES, size=(N,))
-    expected = float(SCE(y, model(x)))
-    assert float(keras.ops.sum(model.losses)) > 1e4
+    expected = float(to_numpy(SCE(y, model(x))))
+    assert float(to_numpy(ops.sum(ops.stack(model.losses)))) > 1e4
     history = tap_model.fit(x, y, batch_size=N, epochs=1, verbose=0)
     logged = history.history["predictions_loss"][0]
     assert logged == pytest.approx(expected, rel=1e-5)
@@ -768,10 +827,10 @@ def test_regularizer_reduction_is_declared(regularizer, declared):
                                                    regularizer=regularizer)})
     _, taps = tap_model(x)
     terms = tap_model.compute_tap_losses(x, y, taps)
-    a = np.asarray(taps["feat"], "float64")
+    a = to_numpy(taps["feat"]).astype("float64")
     if isinstance(regularizer, (_BatchMeanL2, kt.regularizers.ActivityL2)):
         value = (a**2).sum(-1).mean()
     else:
         value = (a**2).sum()
     expected = value if declared else value / N
-    assert float(terms["feat"]) == pytest.approx(expected, rel=1e-5)
+    assert float(to_numpy(terms["feat"])) == pytest.approx(expected, rel=1e-5)

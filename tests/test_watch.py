@@ -10,6 +10,7 @@ import time
 import keras
 import numpy as np
 import pytest
+from conftest import assert_close
 
 import keras_tap as kt
 from keras_tap.taps import watch
@@ -88,7 +89,7 @@ def test_no_hook_while_tap_models_exist(net):
     _assert_clean(net)
     for tap_model in tap_models:
         _, taps = tap_model(_x(3))
-        np.testing.assert_allclose(taps["a"], _numpy_a(net, _x(3)), atol=1e-5)
+        assert_close(taps["a"], _numpy_a(net, _x(3)), atol=1e-5)
         _assert_clean(net)
     tap_models[0].predict(_x(3), verbose=0)
     _assert_clean(net)
@@ -104,7 +105,7 @@ def test_overlapping_recordings_left_out_of_order(net):
     x = _x(3)
     net(x)
     assert "a" not in first.records
-    np.testing.assert_allclose(
+    assert_close(
         second.records["b"], _numpy_net(net, x), atol=1e-5
     )
     second.__exit__(None, None, None)
@@ -121,8 +122,8 @@ def test_same_watcher_nested_records_twice(net):
         net(x2)
     _assert_clean(net)
     assert len(inner.calls) == 1 and len(outer.calls) == 2
-    np.testing.assert_allclose(inner.calls[0][1], _numpy_a(net, x1), atol=1e-5)
-    np.testing.assert_allclose(outer.calls[1][1], _numpy_a(net, x2), atol=1e-5)
+    assert_close(inner.calls[0][1], _numpy_a(net, x1), atol=1e-5)
+    assert_close(outer.calls[1][1], _numpy_a(net, x2), atol=1e-5)
 
 
 def test_tap_model_nested_in_a_watcher_on_the_same_layer(net):
@@ -134,8 +135,8 @@ def test_tap_model_nested_in_a_watcher_on_the_same_layer(net):
         assert watch.is_hooked(net.a)
     _assert_clean(net)
     expected = _numpy_a(net, x)
-    np.testing.assert_allclose(taps["a"], expected, atol=1e-5)
-    np.testing.assert_allclose(recording.records["outer"], expected, atol=1e-5)
+    assert_close(taps["a"], expected, atol=1e-5)
+    assert_close(recording.records["outer"], expected, atol=1e-5)
 
 
 def test_exception_inside_a_watched_call_cleans_up(net):
@@ -148,7 +149,7 @@ def test_exception_inside_a_watched_call_cleans_up(net):
             with watch.Watcher([net.a]).watch():
                 net(_x(5))
     _assert_clean(net)
-    np.testing.assert_allclose(net(_x(3)), _numpy_net(net, _x(3)), atol=1e-5)
+    assert_close(net(_x(3)), _numpy_net(net, _x(3)), atol=1e-5)
 
 
 def test_threads_each_record_their_own_calls(net):
@@ -175,8 +176,8 @@ def test_threads_each_record_their_own_calls(net):
     for i, x in enumerate(inputs):
         assert len(results[i]) == 5
         for taps in results[i]:
-            np.testing.assert_allclose(taps["a"], _numpy_a(net, x), atol=1e-5)
-            np.testing.assert_allclose(
+            assert_close(taps["a"], _numpy_a(net, x), atol=1e-5)
+            assert_close(
                 taps["b"], _numpy_net(net, x), atol=1e-5
             )
     _assert_clean(net)
@@ -212,11 +213,11 @@ def test_early_stop_does_not_leak(net):
         # call alone, then sees a whole plain call.
         assert [k for k, _ in outer.calls] == [id(net.a)]
         predictions = net(x)
-    np.testing.assert_allclose(features["a"], _numpy_a(net, x), atol=1e-5)
-    np.testing.assert_allclose(predictions, _numpy_net(net, x), atol=1e-5)
+    assert_close(features["a"], _numpy_a(net, x), atol=1e-5)
+    assert_close(predictions, _numpy_net(net, x), atol=1e-5)
     assert [k for k, _ in outer.calls[1:]] == [id(v) for v in _layers(net)]
     _assert_clean(net)
-    np.testing.assert_allclose(net(x), _numpy_net(net, x), atol=1e-5)
+    assert_close(net(x), _numpy_net(net, x), atol=1e-5)
 
 
 def test_stop_forward_of_inner_run_only(net):
@@ -245,7 +246,7 @@ def test_own_instance_call_is_kept(net):
             net(_x(3))
         assert vars(net.b)["call"] is own
         assert len(calls) == 1
-        np.testing.assert_allclose(
+        assert_close(
             rec.records["b"], _numpy_net(net, _x(3)), atol=1e-5
         )
     finally:

@@ -41,6 +41,8 @@ class TapStatisticsMetric(keras.metrics.Metric):
         )
 
     def update_state(self, activation, sample_weight=None):
+        """Add a batch of activations; `sample_weight`, a scalar 0 or 1,
+        counts the batch or not (the step's `every`, without a branch)."""
         a = ops.cast(activation, "float32")
         a = ops.reshape(a, (-1, self.channels))
         rows = ops.shape(a)[0]
@@ -49,10 +51,17 @@ class TapStatisticsMetric(keras.metrics.Metric):
         ones = ops.ones((1, rows), dtype="float32")
         sums = ops.matmul(ones, a)[0]
         squares = ops.matmul(ones, ops.square(a))[0]
+        zeros = ops.sum(ops.cast(ops.equal(a, 0.0), "float32"))
+        count = ops.cast(rows * self.channels, "float32")
+        if sample_weight is not None:
+            w = ops.cast(sample_weight, "float32")
+            sums, squares, zeros, count = (
+                sums * w, squares * w, zeros * w, count * w
+            )
         self.total.assign_add(ops.sum(sums))
         self.squares.assign_add(ops.sum(squares))
-        self.count.assign_add(ops.cast(rows * self.channels, "float32"))
-        self.zeros.assign_add(ops.sum(ops.cast(ops.equal(a, 0.0), "float32")))
+        self.count.assign_add(count)
+        self.zeros.assign_add(zeros)
         # A channel is dead while its sum of squares stays exactly zero.
         self.activity.assign_add(squares)
 
@@ -95,6 +104,11 @@ class Statistics:
             f"{m.tap}_{stat}" for m in self.metrics for stat in STATISTICS
         ]
 
+    @property
+    def variables(self):
+        """The accumulators of every tap's statistics."""
+        return [v for m in self.metrics for v in m.variables]
+
     def update(self, taps, step):
         def record():
             for metric in self.metrics:
@@ -103,6 +117,13 @@ class Statistics:
 
         if self.every == 1:
             record()
+            return
+        if keras.backend.backend() == "jax":
+            # A JAX step is stateless: a branch cannot assign the
+            # accumulators, so every step adds its batch, counted 0 or 1.
+            counted = ops.equal(ops.mod(step, self.every), 0)
+            for metric in self.metrics:
+                metric.update_state(taps[metric.tap], sample_weight=counted)
             return
         ops.cond(
             ops.equal(ops.mod(step, self.every), 0),
@@ -113,6 +134,17 @@ class Statistics:
 
 class StatisticsMixin:
     """The statistics switch of `TapModel`."""
+
+    @property
+    def metrics_variables(self):
+        """Keras's metrics variables, then the statistics accumulators: a
+        stateless (JAX) step threads them through its state as it does
+        the metrics'. `reset_metrics` leaves them to `TapStatistics`."""
+        variables = super().metrics_variables
+        statistics = getattr(self, "_statistics", None)
+        if statistics is not None:
+            variables = variables + statistics.variables
+        return variables
 
     def init_statistics(self):
         object.__setattr__(self, "_statistics", None)

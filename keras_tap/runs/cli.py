@@ -12,10 +12,14 @@ keras-tap plot --features MODEL_OR_CONFIG --taps TAP[,TAP...] --out DIR
 keras-tap --help | --version
 ```
 
+Every command takes `--backend tensorflow|jax|torch` and `--verbose`.
+
 This module is the front door: it parses the command line without
 importing Keras or a backend, so that `--help`, `--version`, a bare
-`keras-tap` and argument errors answer at once. A command then imports
-Keras, with the backend's start-up lines on stderr hidden unless
+`keras-tap` and argument errors answer at once. A command then picks the
+backend (`--backend`, else the config's `backend:` key, else
+`KERAS_BACKEND` or Keras's default) and sets `KERAS_BACKEND` from it,
+imports Keras, with the backend's start-up lines on stderr hidden unless
 `--verbose` is given, and runs from `keras_tap.runs.commands`.
 
 Bad input prints one line, `keras-tap: error: <key path>: <message>`, to
@@ -24,10 +28,12 @@ stderr and exits with status 2.
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import sys
 import tempfile
 
+from keras_tap.runs import backends
 from keras_tap.runs.keypaths import ConfigError
 from keras_tap.version import __version__
 
@@ -96,7 +102,11 @@ def main(argv=None):
         parser.print_help()
         return 0
     try:
-        import_keras(verbose=args.verbose)
+        backend, where = choose_backend(args)
+        # Training reads its data with tf.data on every backend.
+        tf_data = args.command == "train"
+        import_keras(verbose=args.verbose, tf_data=tf_data)
+        backends.check_active(backend, where)
         from keras_tap.runs import commands
 
         getattr(commands, args.command)(args)
@@ -112,8 +122,52 @@ def main(argv=None):
 
 # ------------------------------------------------------------ the backend
 
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
-def import_keras(verbose=False):
+
+def choose_backend(args):
+    """Sets `KERAS_BACKEND` for the backend a command runs on, before Keras
+    is imported: `--backend`, else the `backend:` of the command's config.
+
+    Reads the config file (with its `--set` overrides) without importing
+    Keras. A model file or run directory has no say: a `.keras` file
+    loads on any backend. `--backend` is also added to the overrides of
+    `train` and `validate`, so that the config records it.
+
+    Returns:
+        `(backend, where)`, or `(None, None)` to let `KERAS_BACKEND` or
+        Keras's default decide.
+
+    Raises:
+        ConfigError: for an unknown backend, a config whose backend is
+            not the one `KERAS_BACKEND` names (without `--backend`), or a
+            backend whose package is not installed.
+    """
+    configured = None
+    if args.backend is None:
+        path = getattr(args, "config", None)
+        if path is None:
+            path = getattr(args, "model", None) or getattr(
+                args, "features", None
+            )
+            if path is not None and not str(path).endswith(_CONFIG_SUFFIXES):
+                path = None
+        if path is not None:
+            overrides = getattr(args, "overrides", ())
+            configured = backends.of_config(path, overrides)
+    # Once Keras is imported (a program calling `main`), KERAS_BACKEND no
+    # longer matters: the backend Keras runs on is checked instead.
+    environ = {} if "keras" in sys.modules else os.environ
+    backend, where = backends.select(args.backend, configured, environ)
+    if backend is not None:
+        backends.use(backend, where)
+    if args.backend is not None and hasattr(args, "overrides"):
+        # The config then records the backend the run trains on.
+        args.overrides = [*args.overrides, f"backend={args.backend}"]
+    return backend, where
+
+
+def import_keras(verbose=False, tf_data=False):
     """Imports Keras and its backend, hiding the backend's start-up lines.
 
     TensorFlow writes lines such as `oneDNN custom operations are on`,
@@ -133,6 +187,9 @@ def import_keras(verbose=False):
 
     Args:
         verbose: import Keras as it is, with every start-up line.
+        tf_data: also import TensorFlow (when installed) on another
+            backend, for a command that uses `tf.data`, so that its
+            start-up lines are hidden too.
     """
     if verbose or "keras" in sys.modules:
         import keras  # noqa: F401
@@ -147,6 +204,8 @@ def import_keras(verbose=False):
                 import tensorflow as tf
 
                 tf.config.list_physical_devices()
+            elif tf_data and importlib.util.find_spec("tensorflow"):
+                importlib.import_module("tensorflow")
         except BaseException:
             hidden.replay = True
             raise
@@ -194,7 +253,7 @@ def parser_of_commands():
         version=f"keras-tap {__version__}",
         help="print the version and exit",
     )
-    parser.set_defaults(command=None, verbose=False)
+    parser.set_defaults(command=None, verbose=False, backend=None)
     commands = parser.add_subparsers(
         title="commands", metavar="COMMAND", parser_class=_Parser
     )
@@ -204,6 +263,14 @@ def parser_of_commands():
         action="store_true",
         help="show the backend's start-up log lines on stderr (hidden by "
         "default)",
+    )
+    common.add_argument(
+        "--backend",
+        type=_backend_name,
+        metavar="BACKEND",
+        help="the Keras backend to run on: tensorflow, jax or torch; "
+        "overrides the config's backend: key and KERAS_BACKEND (default: "
+        "the config's backend:, else KERAS_BACKEND, else Keras's default)",
     )
 
     def command(name, help, examples):
@@ -422,6 +489,15 @@ def _data_options(sub):
         default=32,
         help="the batch size of the forward passes (default: %(default)s)",
     )
+
+
+def _backend_name(text):
+    """`--backend jax` -> `"jax"`; an unknown name is refused with the
+    closest one."""
+    try:
+        return backends.check(text, "--backend")
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(error.message) from None
 
 
 def _positive_int(text):

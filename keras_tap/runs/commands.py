@@ -50,7 +50,10 @@ def train(args):
     if run.initial_epoch:
         print(f"resumed after epoch {run.initial_epoch}")
     print(f"run directory: {_rel(run.dir)}")
-    print(f"  config:  {files['config']}")
+    print(
+        f"  config:  {files['config']}, {files['run']} (backend "
+        f"{run.backend})"
+    )
     print(f"  model:   {files['model']} (TapModel), {files['base']} (base)")
     print(f"  history: {files['history_csv']}, {files['history_json']}")
     if "logs" in files:

@@ -1,11 +1,12 @@
 """Typed, validated configs for `kt.train` and the `keras-tap` command.
 
 A config is a YAML or JSON mapping with the sections `model`, `teacher`,
-`taps`, `compile`, `data`, `fit`, `callbacks`, `run` and `distribution` (see
-`docs/config.md`). Keras objects in it are identifiers (`"adam"`, `"mse"`,
-`"activity_l1"`) or Keras's serialization form `{"class_name": ...,
-"config": {...}}`, and each is checked by deserializing it. YAML is read
-with `yaml.safe_load`; nothing in a config is evaluated.
+`taps`, `compile`, `data`, `fit`, `callbacks`, `run` and `distribution`, and
+the key `backend` (see `docs/config.md`). Keras objects in it are
+identifiers (`"adam"`, `"mse"`, `"activity_l1"`) or Keras's serialization
+form `{"class_name": ..., "config": {...}}`, and each is checked by
+deserializing it. YAML is read with `yaml.safe_load`; nothing in a config
+is evaluated.
 
 Every problem raises `ConfigError`, a `ValueError` whose message starts with
 the key path of the offending value: `taps.early.weight: expected a
@@ -29,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from keras_tap.runs import data, sources
+from keras_tap.runs import backends, data, sources
 from keras_tap.runs.checks import (
     KERAS_FORM,
     KERAS_MODULES,
@@ -65,6 +66,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DistributionConfig",
+    "KEYS",
     "FitConfig",
     "MODEL_SOURCES",
     "ModelConfig",
@@ -86,6 +88,9 @@ __all__ = [
 
 SECTIONS = ("model", "teacher", "taps", "compile", "data", "fit")
 SECTIONS += ("callbacks", "run", "distribution")
+# The top-level keys: the sections, and the Keras backend to run on
+# (`keras_tap.runs.backends`).
+KEYS = SECTIONS + ("backend",)
 
 
 # ----------------------------------------------------------------- sections
@@ -156,9 +161,10 @@ class RunConfig:
 class Config:
     """A validated config: one typed dataclass per section.
 
-    `data` is a `keras_tap.data.DataConfig`. `to_dict()` is the resolved
-    form (defaults filled in, paths absolute), which `load` reads back to an
-    equal `Config`.
+    `data` is a `keras_tap.data.DataConfig`. `backend` is `"tensorflow"`,
+    `"jax"`, `"torch"` or `None` (whichever backend Keras runs on).
+    `to_dict()` is the resolved form (defaults filled in, paths absolute),
+    which `load` reads back to an equal `Config`.
     """
 
     model: ModelConfig
@@ -170,6 +176,7 @@ class Config:
     fit: FitConfig = FitConfig()
     callbacks: tuple = ()
     distribution: DistributionConfig = DistributionConfig()
+    backend: Any = None
     source: Any = dataclasses.field(default=None, compare=False)
 
     def to_dict(self):
@@ -183,6 +190,7 @@ class Config:
             "callbacks": [callback.to_dict() for callback in self.callbacks],
             "run": self.run.to_dict(),
             "distribution": self.distribution.to_dict(),
+            "backend": self.backend,
         }
 
     def to_yaml(self):
@@ -255,7 +263,8 @@ def load(path_or_dict, overrides=(), *, base_dir=None):
     for parts in overridden:
         _paths_from_cwd(raw, parts)
     base = Path(base_dir or (source.parent if source else Path.cwd())).resolve()
-    check_keys(raw, "", SECTIONS)
+    check_keys(raw, "", KEYS)
+    backend = backends.check(raw.get("backend"))
     teacher = raw.get("teacher")
     if teacher is not None:
         teacher = sources.read_model(teacher, "teacher", base)
@@ -270,6 +279,7 @@ def load(path_or_dict, overrides=(), *, base_dir=None):
         callbacks=_callbacks(raw.get("callbacks")),
         run=_run(raw.get("run"), base, source),
         distribution=DistributionConfig.from_config(raw.get("distribution")),
+        backend=backend,
         source=str(source) if source else None,
     )
 

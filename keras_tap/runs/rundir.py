@@ -3,6 +3,9 @@
 A run directory holds:
 
 - `config.yaml`: the resolved config (defaults filled in, paths absolute);
+- `run.json`: how the run trained: the Keras backend (`backend`), the
+  Keras and keras_tap versions, and one entry per `train` call in
+  `sessions` (a resumed run may continue on another backend);
 - `model.keras`: the trained `TapModel`; `base.keras`: `tap_model.base`
   alone, for deployment;
 - `history.json` and `history.csv`: every logged value per epoch (`loss`,
@@ -10,7 +13,8 @@ A run directory holds:
 - `logs/`: TensorBoard logs;
 - `checkpoints/`: `epoch_NNNN.keras`, a full checkpoint with the optimizer
   state written at every epoch end, and `state.json` naming the last
-  completed epoch, its checkpoint and the history so far. Both are written
+  completed epoch, its checkpoint, the backend that wrote it and the
+  history so far. Both are written
   to a temporary file and moved into place, so a run killed at any moment
   leaves a consistent state that `train(..., resume=True)` continues from;
 - `history.png` (and `statistics.png` with `TapStatistics`), and
@@ -33,6 +37,7 @@ from keras_tap.runs import config as config_lib
 from keras_tap.runs.keypaths import ConfigError, key_path, show
 
 CONFIG = "config.yaml"
+RUN_JSON = "run.json"
 MODEL = "model.keras"
 BASE = "base.keras"
 HISTORY_JSON = "history.json"
@@ -44,6 +49,8 @@ FEATURES = "features"
 MARKER = "# The resolved config of this keras-tap run.\n"
 # Keys a resumed run may change.
 RESUMABLE_KEYS = ("fit.epochs", "fit.verbose", "run.plots")
+# A `.keras` checkpoint loads on any backend.
+RESUMABLE_KEYS += ("backend",)
 # Where a run trains may change: every strategy gives the same weights.
 RESUMABLE_KEYS += (
     "distribution.strategy",
@@ -125,6 +132,39 @@ def start_run_dir(run_dir, state, replace):
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def write_run_info(run_dir, initial_epoch=0):
+    """Writes `run.json`, adding this `train` call to its `sessions`.
+
+    Returns:
+        Its path.
+    """
+    from keras_tap.version import __version__
+
+    path = Path(run_dir) / RUN_JSON
+    info = {}
+    if initial_epoch and path.is_file():
+        try:
+            with open(path, encoding="utf-8") as file:
+                info = json.load(file)
+        except (OSError, ValueError):
+            info = {}
+    backend = keras.backend.backend()
+    session = {
+        "backend": backend,
+        "keras": keras.__version__,
+        "initial_epoch": initial_epoch,
+    }
+    sessions = info.get("sessions") if isinstance(info, dict) else None
+    info = {
+        "backend": backend,
+        "keras": keras.__version__,
+        "keras_tap": __version__,
+        "sessions": (sessions if isinstance(sessions, list) else [])
+        + [session],
+    }
+    return write_text(path, json.dumps(info, indent=1) + "\n")
+
+
 def read_state(run_dir):
     """The checkpoint state of a run, or `None` when it has none."""
     path = Path(run_dir) / CHECKPOINTS / STATE
@@ -183,7 +223,12 @@ class Recorder(keras.callbacks.Callback):
         checkpoints.mkdir(exist_ok=True)
         name = f"epoch_{epoch:04d}.keras"
         save(self.model, checkpoints / name)
-        state = {"epoch": epoch, "checkpoint": name, "history": self.history}
+        state = {
+            "epoch": epoch,
+            "checkpoint": name,
+            "backend": keras.backend.backend(),
+            "history": self.history,
+        }
         write_text(checkpoints / STATE, json.dumps(state))
         write_history(self.run_dir, self.history)
         kept = sorted(checkpoints.glob("epoch_*.keras"))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import keras
 
+from keras_tap.runs import backends, distribute
 from keras_tap.runs import config as config_lib
 from keras_tap.runs import data as data_lib
-from keras_tap.runs import distribute
 from keras_tap.runs import rundir as runs
 from keras_tap.runs.config import ConfigError, key_path
 from keras_tap.runs.rundir import (
@@ -79,11 +79,14 @@ class Run:
         model: the trained `TapModel`.
         history: `{key: [value per epoch]}`, with an `epoch` key (0-based).
         files: `{what: path}` of the files written (`model`, `base`,
-            `config`, `history_json`, `history_csv`, `logs`, plots:
+            `config`, `run` (`run.json`, with the backend), `history_json`,
+            `history_csv`, `logs`, plots:
             `history_png`, `statistics_png`, `features_<tap>_png`).
         metrics: the last epoch's held-out values (`val_` keys, prefix
             removed), or its training values without a validation split.
         initial_epoch: the epoch this call started from (0 unless resumed).
+        backend: the Keras backend it trained on (`"tensorflow"`, `"jax"`
+            or `"torch"`).
     """
 
     dir: Path
@@ -92,6 +95,7 @@ class Run:
     files: dict
     metrics: dict
     initial_epoch: int = 0
+    backend: str = None
 
 
 def train(
@@ -119,8 +123,12 @@ def train(
 
     Raises:
         ConfigError: for a bad config, a non-empty run directory without
-            `resume` or `overwrite`, or a resume with a different config.
+            `resume` or `overwrite`, a resume with a different config, or
+            a config whose `backend` is not the one Keras runs on (Keras
+            chooses its backend when first imported: set `KERAS_BACKEND`
+            before importing it, or run `keras-tap train`).
     """
+    backends.check_active(backends.of_config(config))
     # A multi-worker strategy must exist before any other TensorFlow op.
     distribute.prepare(config)
     cfg = config_lib.load(config)
@@ -169,6 +177,7 @@ def _train(
             restore(tap_model, target / CHECKPOINTS / state["checkpoint"])
         history, initial_epoch = state["history"], state["epoch"] + 1
     runs.start_run_dir(run_dir, state, replace)
+    run_info = runs.write_run_info(run_dir, initial_epoch)
     if state is None or not placement.is_chief:
         runs.write_text(run_dir / CONFIG, runs.MARKER + cfg.to_yaml())
     epochs = cfg.fit.epochs
@@ -212,7 +221,7 @@ def _train(
             shuffle=False,
             verbose=cfg.fit.verbose if verbose is None else verbose,
         )
-    files = {"config": run_dir / CONFIG}
+    files = {"config": run_dir / CONFIG, "run": run_info}
     files["model"] = runs.save(tap_model, run_dir / MODEL)
     files["base"] = runs.save(tap_model.base, run_dir / BASE)
     files.update(runs.write_history(run_dir, recorder.history))
@@ -236,6 +245,7 @@ def _train(
         files=files if placement.is_chief else {},
         metrics=final_metrics(recorder.history, tap_model.tap_names),
         initial_epoch=initial_epoch,
+        backend=keras.backend.backend(),
     )
 
 

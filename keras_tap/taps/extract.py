@@ -54,6 +54,14 @@ class Extractor(keras.Model):
             stop_early=True,
         )
         object.__setattr__(self, "_forward", run)
+        # Track what runs (the pruned graph or the model): on JAX,
+        # `predict_on_batch` passes only tracked variables to its compiled
+        # step; untracked ones would be baked in as constants (stale after
+        # training) and their updates (a counter, ...) dropped.
+        self.network = run.model
+        # The tapped model is built, so is every layer this runs: without
+        # this, Keras's JAX `predict_on_batch` would run a build pass first.
+        self.built = True
 
     def call(self, inputs):
         _, values = self._forward(inputs, training=False)
@@ -251,6 +259,8 @@ def extract(tap_model, data, *, taps, batch_size, reduce, to, verbose):
     try:
         for batch in batches:
             values = extractor.predict_on_batch(batch)
+            # In the order asked for (JAX returns a dict's keys sorted).
+            values = {name: values[name] for name in names}
             if sink is not None:
                 sink.write(values)
             else:

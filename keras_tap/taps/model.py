@@ -80,6 +80,9 @@ class TapModel(StatisticsMixin, Trainer, keras.Model):
         self._build_adapters()
         self.init_trainer()
         self.init_statistics()
+        # The base, the teacher and the adapters are built: without this,
+        # Keras's JAX `predict` would run a build pass before the first.
+        self.built = True
 
     def tap_shapes(self):
         """`{tap_name: output shape}` (batch axis `None`)."""

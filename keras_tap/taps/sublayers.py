@@ -118,9 +118,26 @@ def held_sublayers(layer):
 
     if graph.is_graph_model(layer):
         visit(list(layer.layers))
-    for attribute, value in vars(layer).items():
-        if attribute not in _TRACKER_ATTRIBUTES:
-            visit(value)
+    first = len(found)
+    attributes = vars(layer)
+    # On PyTorch a layer is a `torch.nn.Module`: a layer set as an
+    # attribute lives in its `_modules` dict, not among the attributes.
+    modules = attributes.get("_modules")
+    modules = modules if isinstance(modules, dict) else {}
+    for held in (attributes, modules):
+        for attribute, value in held.items():
+            if attribute not in _TRACKER_ATTRIBUTES | {"_modules"}:
+                visit(value)
+    if modules:
+        # Two dicts lose the order in which the attributes were set; Keras
+        # tracks the layers it is given in that order, in `_layers`.
+        tracked = vars(layer).get("_layers")
+        tracked = list(tracked) if isinstance(tracked, (list, tuple)) else []
+        place = {id(sublayer): i for i, sublayer in enumerate(tracked)}
+        found[first:] = sorted(
+            found[first:],
+            key=lambda sublayer: place.get(id(sublayer), len(tracked)),
+        )
     return _unique_segments(found)
 
 

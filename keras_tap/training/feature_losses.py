@@ -44,7 +44,11 @@ def _flatten(x):
 
 
 def _l2_normalize(x, axis, epsilon):
-    norm = ops.sqrt(ops.sum(ops.square(x), axis=axis, keepdims=True))
+    # The inner `max(s, eps^2)` keeps the gradient finite at `x == 0`, where
+    # `max(sqrt(s), eps)` alone gives `0 * inf = NaN` on JAX and PyTorch
+    # (TensorFlow gives 0); the outer one holds if `eps^2` underflows.
+    squares = ops.sum(ops.square(x), axis=axis, keepdims=True)
+    norm = ops.sqrt(ops.maximum(squares, epsilon * epsilon))
     return x / ops.maximum(norm, epsilon)
 
 

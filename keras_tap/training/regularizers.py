@@ -295,8 +295,12 @@ class Orthogonality(keras.regularizers.Regularizer):
         h = _samples_by_channels(as_float32(x, type(self).__name__, 2))
         h, _ = centred(h, self.cross_replica)
         squares = ops.sum(ops.square(h), axis=0, keepdims=True)
-        norm = ops.sqrt(replica_sum(squares, self.cross_replica))
-        z = h / ops.maximum(norm, keras.config.epsilon())
+        # `sqrt(max(s, eps^2))` equals `max(sqrt(s), eps)`, with a finite
+        # gradient for a constant channel (`s == 0`): there the other form
+        # gives `0 * inf = NaN` on JAX and PyTorch (TensorFlow gives 0).
+        epsilon = keras.config.epsilon()
+        squares = replica_sum(squares, self.cross_replica)
+        z = h / ops.sqrt(ops.maximum(squares, epsilon * epsilon))
         corr = replica_sum(ops.matmul(ops.transpose(z), z), self.cross_replica)
         channels = _count(h, 1)
         pairs = ops.maximum(channels * (channels - 1.0), 1.0)

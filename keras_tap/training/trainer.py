@@ -35,6 +35,23 @@ class Trainer(TargetsMixin):
             for n, t in self.taps.items()
             if t.has_terms
         ]
+        # The optimizer step that `evaluate` weights the taps at, copied
+        # in at its start: a stateless (JAX) test step gets variables only
+        # through its state, which holds no optimizer variable. Not
+        # tracked, so never saved. int32: JAX has no int64 by default.
+        object.__setattr__(
+            self,
+            "_evaluation_step",
+            keras.Variable(
+                0, dtype="int32", trainable=False, name="evaluation_step"
+            ),
+        )
+
+    @property
+    def metrics_variables(self):
+        """Keras's metrics variables, then the step `evaluate` weights the
+        taps at (`_evaluation_step`)."""
+        return super().metrics_variables + [self._evaluation_step]
 
     # -- losses --------------------------------------------------------------
 
@@ -280,6 +297,12 @@ class Trainer(TargetsMixin):
         return run_guarded(super().fit, x, y, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
+        if self.optimizer is not None:
+            # A copy: on JAX a buffer shared by two variables of the
+            # train state would be donated twice.
+            self._evaluation_step.assign(
+                ops.copy(ops.cast(self.optimizer.iterations, "int32"))
+            )
         return run_guarded(super().evaluate, x, y, *args, **kwargs)
 
     def get_compile_config(self):

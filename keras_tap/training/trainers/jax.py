@@ -10,13 +10,15 @@ that state and collects the losses of the forward pass (what
 count in `model.losses`.
 
 A non-finite total loss skips the update (the step keeps the old
-trainable and optimizer variables); the logged loss then stops `fit`
+trainable and optimizer variables), and so do the later steps of the same
+execution (`steps_per_execution`); the logged loss then stops `fit`
 (`StopOnNonFinite`) with the weights of the last good step.
 """
 
 import jax
 import jax.numpy as jnp
 import keras
+from keras import ops
 
 from keras_tap.training.step import LossTerms, TapOutput, TapTerms
 from keras_tap.training.trainers.portable import (  # noqa: F401
@@ -50,7 +52,17 @@ def _current(scope, variables, values):
     return result
 
 
-def _forward(model, state, x, y, sample_weight, training):
+def _evaluation_step(model, metrics_values):
+    """The optimizer step of an evaluation, from the test state: the
+    optimizer's variables are not in it, and reading them in the traced
+    step would freeze their value at the first trace."""
+    for variable, value in zip(model.metrics_variables, metrics_values):
+        if variable is model._evaluation_step:
+            return value
+    raise AssertionError("the evaluation step is not in the test state")
+
+
+def _forward(model, state, x, y, sample_weight, training, step=None):
     """The loss of one step, with what the rest of the step needs.
 
     Returns:
@@ -63,6 +75,9 @@ def _forward(model, state, x, y, sample_weight, training):
     mapping += _mapping(model.non_trainable_variables, non_trainable)
     if model.optimizer is not None and optimizer_values is not None:
         mapping += _mapping(model.optimizer.variables, optimizer_values)
+    if model.optimizer is not None and step is not None:
+        iterations = model.optimizer.iterations
+        mapping.append((iterations, ops.cast(step, iterations.dtype)))
     with keras.StatelessScope(
         state_mapping=mapping, collect_losses=True
     ) as scope:
@@ -107,6 +122,30 @@ def _metrics(model, state, metrics_values, x, y, y_pred, sample_weight,
     return logs, _current(scope, model.metrics_variables, metrics_values)
 
 
+def _logged_nonfinite(model, metrics_values):
+    """Whether the loss trackers (`loss`, `predictions_loss`,
+    `<tap>_loss`, reset every epoch) hold a non-finite value: a step
+    before this one, in the same execution, skipped its update. With
+    `steps_per_execution > 1` the execution's later steps skip theirs
+    too, so `fit` stops with the weights of the last good step."""
+    names = {"loss", "predictions_loss"}
+    names.update(f"{n}_loss" for n in model.tap_names)
+    tracked = {
+        id(v) for m in model.metrics if m.name in names for v in m.variables
+    }
+    values = [
+        value
+        for variable, value in zip(model.metrics_variables, metrics_values)
+        if id(variable) in tracked
+        and keras.backend.is_float_dtype(variable.dtype)
+    ]
+    if not values:
+        return False
+    return jnp.logical_not(
+        jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in values]))
+    )
+
+
 def train_step(model, state, data):
     """One stateless training step of a `kt.TapModel` on JAX.
 
@@ -118,13 +157,6 @@ def train_step(model, state, data):
     Returns:
         `(logs, new_state)`.
     """
-    if getattr(model, "_statistics", None) is not None:
-        raise NotImplementedError(
-            "kt.callbacks.TapStatistics computes its statistics inside the "
-            "training step, which keras_tap does not support on the JAX "
-            "backend yet. Use the TensorFlow or PyTorch backend for it, or "
-            "compute statistics from `tap_model.extract(...)`."
-        )
     trainable, non_trainable, optimizer_values, metrics_values = state
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
 
@@ -145,7 +177,9 @@ def train_step(model, state, data):
         new_trainable, new_optimizer = model.optimizer.stateless_apply(
             optimizer_values, grads, trainable
         )
-        finite = jnp.isfinite(losses.total)
+        finite = jnp.isfinite(losses.total) & jnp.logical_not(
+            _logged_nonfinite(model, metrics_values)
+        )
 
         def keep_finite(new, old):
             return jnp.where(finite, new, old)
@@ -173,16 +207,14 @@ def test_step(model, state, data):
     `(logs, (trainable, non_trainable, metrics))`."""
     trainable, non_trainable, metrics_values = state
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    optimizer_values = None
-    if model.optimizer is not None:
-        optimizer_values = [v.value for v in model.optimizer.variables]
     _, aux = _forward(
         model,
-        (trainable, non_trainable, optimizer_values),
+        (trainable, non_trainable, None),
         x,
         y,
         sample_weight,
         training=False,
+        step=_evaluation_step(model, metrics_values),
     )
     losses, outputs, y_pred, non_trainable = aux
     logs, metrics_values = _metrics(

@@ -168,6 +168,25 @@ def nonfinite_message(detail):
     )
 
 
+def logged_nonfinite(model):
+    """Whether the loss trackers (`loss`, `predictions_loss`,
+    `<tap>_loss`, reset every epoch) hold a non-finite value: under
+    `jit_compile=True`, a step before this one in the same execution
+    skipped its update, and so does this one."""
+    names = {"loss", "predictions_loss"}
+    names.update(f"{n}_loss" for n in model.tap_names)
+    checks = [
+        tf.reduce_all(tf.math.is_finite(variable.value))
+        for metric in model.metrics
+        if metric.name in names
+        for variable in metric.variables
+        if keras.backend.is_float_dtype(variable.dtype)
+    ]
+    if not checks:
+        return tf.constant(False)
+    return tf.logical_not(tf.reduce_all(tf.stack(checks)))
+
+
 def train_step(model, data):
     """One training step of a `kt.TapModel` on TensorFlow.
 
@@ -209,7 +228,8 @@ def train_step(model, data):
 
         if jit_compile:
             tf.cond(
-                tf.math.is_finite(losses.total),
+                tf.math.is_finite(losses.total)
+                & tf.logical_not(logged_nonfinite(model)),
                 apply,
                 lambda: tf.constant(False),
             )
