@@ -12,9 +12,11 @@ imports Keras, and sets `KERAS_BACKEND` from it; `kt.train` runs in a
 process where Keras is already imported, so it only checks that the
 backend asked for is the one running.
 
-This module imports neither Keras nor a backend.
+This module imports neither Keras nor a backend (`check_active` aside).
+`choose` and `argument` serve the `keras-tap` command line (`cli.py`).
 """
 
+import argparse
 import importlib.util
 import json
 import os
@@ -22,7 +24,13 @@ import sys
 
 import yaml
 
-from keras_tap.runs.keypaths import ConfigError, apply_override, hint, show
+from keras_tap.runs.keypaths import (
+    CONFIG_SUFFIXES,
+    ConfigError,
+    apply_override,
+    hint,
+    show,
+)
 
 BACKENDS = ("tensorflow", "jax", "torch")
 # The package each backend imports, for `pip install`.
@@ -189,3 +197,55 @@ def check_active(name, where="backend"):
             f"first imported); set KERAS_BACKEND={name} before importing "
             "Keras, or run `keras-tap train`, which sets it from the config",
         )
+
+
+def choose(args):
+    """Sets `KERAS_BACKEND` for the backend a command runs on, before Keras
+    is imported: `--backend`, else the `backend:` of the command's config.
+
+    `args` is the parsed command line of `keras-tap`. Reads the config
+    file (with its `--set` overrides) without importing Keras. A model
+    file or run directory has no say: a `.keras` file loads on any
+    backend. `--backend` is also added to the overrides of `train` and
+    `validate`, so that the config records it.
+
+    Returns:
+        `(backend, where)`, or `(None, None)` to let `KERAS_BACKEND` or
+        Keras's default decide.
+
+    Raises:
+        ConfigError: for an unknown backend, a config whose backend is
+            not the one `KERAS_BACKEND` names (without `--backend`), or a
+            backend whose package is not installed.
+    """
+    configured = None
+    if args.backend is None:
+        path = getattr(args, "config", None)
+        if path is None:
+            path = getattr(args, "model", None) or getattr(
+                args, "features", None
+            )
+            if path is not None and not str(path).endswith(CONFIG_SUFFIXES):
+                path = None
+        if path is not None:
+            overrides = getattr(args, "overrides", ())
+            configured = of_config(path, overrides)
+    # Once Keras is imported (a program calling `main`), KERAS_BACKEND no
+    # longer matters: the backend Keras runs on is checked instead.
+    environ = {} if "keras" in sys.modules else os.environ
+    backend, where = select(args.backend, configured, environ)
+    if backend is not None:
+        use(backend, where)
+    if args.backend is not None and hasattr(args, "overrides"):
+        # The config then records the backend the run trains on.
+        args.overrides = [*args.overrides, f"backend={args.backend}"]
+    return backend, where
+
+
+def argument(text):
+    """The `type` of `--backend`: `"jax"` -> `"jax"`; an unknown name is
+    refused with the closest one."""
+    try:
+        return check(text, "--backend")
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(error.message) from None

@@ -102,7 +102,7 @@ def main(argv=None):
         parser.print_help()
         return 0
     try:
-        backend, where = choose_backend(args)
+        backend, where = backends.choose(args)
         # Training reads its data with tf.data on every backend.
         tf_data = args.command == "train"
         import_keras(verbose=args.verbose, tf_data=tf_data)
@@ -121,51 +121,6 @@ def main(argv=None):
 
 
 # ------------------------------------------------------------ the backend
-
-_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-
-
-def choose_backend(args):
-    """Sets `KERAS_BACKEND` for the backend a command runs on, before Keras
-    is imported: `--backend`, else the `backend:` of the command's config.
-
-    Reads the config file (with its `--set` overrides) without importing
-    Keras. A model file or run directory has no say: a `.keras` file
-    loads on any backend. `--backend` is also added to the overrides of
-    `train` and `validate`, so that the config records it.
-
-    Returns:
-        `(backend, where)`, or `(None, None)` to let `KERAS_BACKEND` or
-        Keras's default decide.
-
-    Raises:
-        ConfigError: for an unknown backend, a config whose backend is
-            not the one `KERAS_BACKEND` names (without `--backend`), or a
-            backend whose package is not installed.
-    """
-    configured = None
-    if args.backend is None:
-        path = getattr(args, "config", None)
-        if path is None:
-            path = getattr(args, "model", None) or getattr(
-                args, "features", None
-            )
-            if path is not None and not str(path).endswith(_CONFIG_SUFFIXES):
-                path = None
-        if path is not None:
-            overrides = getattr(args, "overrides", ())
-            configured = backends.of_config(path, overrides)
-    # Once Keras is imported (a program calling `main`), KERAS_BACKEND no
-    # longer matters: the backend Keras runs on is checked instead.
-    environ = {} if "keras" in sys.modules else os.environ
-    backend, where = backends.select(args.backend, configured, environ)
-    if backend is not None:
-        backends.use(backend, where)
-    if args.backend is not None and hasattr(args, "overrides"):
-        # The config then records the backend the run trains on.
-        args.overrides = [*args.overrides, f"backend={args.backend}"]
-    return backend, where
-
 
 def import_keras(verbose=False, tf_data=False):
     """Imports Keras and its backend, hiding the backend's start-up lines.
@@ -266,7 +221,7 @@ def parser_of_commands():
     )
     common.add_argument(
         "--backend",
-        type=_backend_name,
+        type=backends.argument,
         metavar="BACKEND",
         help="the Keras backend to run on: tensorflow, jax or torch; "
         "overrides the config's backend: key and KERAS_BACKEND (default: "
@@ -489,15 +444,6 @@ def _data_options(sub):
         default=32,
         help="the batch size of the forward passes (default: %(default)s)",
     )
-
-
-def _backend_name(text):
-    """`--backend jax` -> `"jax"`; an unknown name is refused with the
-    closest one."""
-    try:
-        return backends.check(text, "--backend")
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(error.message) from None
 
 
 def _positive_int(text):

@@ -10,9 +10,7 @@ from pathlib import Path
 
 from keras_tap.runs import config as config_lib
 from keras_tap.runs.config import ConfigError
-
-_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-
+from keras_tap.runs.keypaths import CONFIG_SUFFIXES
 
 # ------------------------------------------------------------------ commands
 
@@ -321,7 +319,7 @@ def _load_model(spec, *, base_only=False):
     path = Path(spec)
     if path.is_dir() and (path / runs.MODEL).is_file():
         path = path / runs.MODEL
-    if path.suffix in _CONFIG_SUFFIXES:
+    if path.suffix in CONFIG_SUFFIXES:
         cfg = config_lib.load(path)
         trained = Path(cfg.run.dir) / runs.MODEL
         if trained.is_file():
@@ -360,7 +358,7 @@ def _model_and_inputs(args):
         source = source / runs.CONFIG  # A run directory: its data.
     if args.data is not None:
         x = data.inputs(args.data, x_key=args.x_key)
-    elif source.suffix in _CONFIG_SUFFIXES:
+    elif source.suffix in CONFIG_SUFFIXES:
         x = data.read_arrays(config_lib.load(source).data).x
     else:
         raise ConfigError("--data", "a model file needs --data")

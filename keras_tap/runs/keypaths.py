@@ -13,6 +13,10 @@ import re
 
 import yaml
 
+# The suffixes of a config file (YAML or JSON), as opposed to a model file
+# or a run directory.
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
 # The keys of a section of which only one may be given: setting one with
 # `--set` removes the others.
 SOURCE_KEYS = {
