@@ -171,28 +171,27 @@ def test_example_refuses_another_backend_by_name(example):
             example.build_model()
         return
     message = "tf.GradientTape.*TensorFlow backend.*'jax'"
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--epochs", "1", "--samples", "64"],
-        env=_env("jax"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=str(ROOT),
-    )
+    done = _run_script("jax", samples=64)
     assert done.returncode != 0
     assert "RuntimeError" in done.stderr
     assert re.search(message, done.stderr), done.stderr[-3000:]
 
 
-def test_example_runs_as_a_script():
-    # Whatever the suite's backend: the example is TensorFlow code.
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--epochs", "1", "--samples", "256"],
-        env=_env("tensorflow"),
+def _run_script(backend, samples):
+    """The example as a script for one epoch, on `backend`."""
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--epochs", "1", "--samples",
+         str(samples)],
+        env=_env(backend),
         capture_output=True,
         text=True,
         timeout=300,
         cwd=str(ROOT),
     )
+
+
+def test_example_runs_as_a_script():
+    # Whatever the suite's backend: the example is TensorFlow code.
+    done = _run_script("tensorflow", samples=256)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "val_accuracy" in done.stdout and "conflict_rate" in done.stdout

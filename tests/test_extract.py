@@ -1,7 +1,9 @@
 """`TapModel.extract`: data kinds, reductions, streaming, pruning, reuse."""
 
+import functools
 import os
 
+import conftest
 import keras
 import numpy as np
 import pytest
@@ -10,11 +12,7 @@ from conftest import Counter, dense_ref, to_numpy
 
 import keras_tap as kt
 
-
-def assert_close(actual, expected, rtol=1e-5, atol=1e-5):
-    np.testing.assert_allclose(
-        to_numpy(actual), to_numpy(expected), rtol=rtol, atol=atol
-    )
+assert_close = functools.partial(conftest.assert_close, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture

@@ -5,15 +5,9 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import to_numpy, value_and_grad
+from conftest import assert_close, value_and_grad
 
 import keras_tap as kt
-
-
-def assert_close(actual, expected, rtol=1e-7, atol=0.0):
-    np.testing.assert_allclose(
-        to_numpy(actual), to_numpy(expected), rtol=rtol, atol=atol
-    )
 
 
 def _x(n, shape=(4,), seed=0):

@@ -1,5 +1,8 @@
 """`kt.TapModel`: every model kind, one forward pass, shared weights."""
 
+import functools
+
+import conftest
 import keras
 import numpy as np
 import pytest
@@ -12,10 +15,7 @@ RTOL = 1e-5
 ATOL = 1e-5
 
 
-def assert_close(actual, expected, rtol=RTOL, atol=ATOL):
-    np.testing.assert_allclose(
-        to_numpy(actual), to_numpy(expected), rtol=rtol, atol=atol
-    )
+assert_close = functools.partial(conftest.assert_close, rtol=RTOL, atol=ATOL)
 
 
 def images(n=2, size=32, seed=0):

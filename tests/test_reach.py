@@ -3,15 +3,9 @@
 import keras
 import numpy as np
 import pytest
-from conftest import to_numpy
+from conftest import assert_close, to_numpy
 
 import keras_tap as kt
-
-
-def assert_close(actual, expected, rtol=1e-7, atol=0.0):
-    np.testing.assert_allclose(
-        to_numpy(actual), to_numpy(expected), rtol=rtol, atol=atol
-    )
 
 
 def _x(*shape, seed=0):

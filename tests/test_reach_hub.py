@@ -4,16 +4,10 @@ ViT blocks, attention probabilities, probes, training and teachers."""
 import keras
 import numpy as np
 import pytest
-from conftest import to_numpy, value_and_grad
+from conftest import assert_close, to_numpy, value_and_grad
 
 import keras_tap as kt
 from keras_tap.taps import paths
-
-
-def assert_close(actual, expected, rtol=1e-7, atol=0.0):
-    np.testing.assert_allclose(
-        to_numpy(actual), to_numpy(expected), rtol=rtol, atol=atol
-    )
 
 
 def _x(*shape, seed=0):

@@ -277,6 +277,21 @@ def named_metric(metric, tap_name):
     return type(metric).from_config(config)
 
 
+def loss_tracker_variables(model):
+    """The float variables of the trackers of the logged losses (`loss`,
+    `predictions_loss`, `<tap>_loss`), reset every epoch: once one holds
+    a non-finite value, a step of this epoch had a non-finite loss."""
+    names = {"loss", "predictions_loss"}
+    names.update(f"{n}_loss" for n in model.tap_names)
+    return [
+        variable
+        for metric in model.metrics
+        if metric.name in names
+        for variable in metric.variables
+        if keras.backend.is_float_dtype(variable.dtype)
+    ]
+
+
 def optimizer_step(model):
     """The step that tap weights are evaluated at: `optimizer.iterations`
     before the update (0 before the model is compiled)."""

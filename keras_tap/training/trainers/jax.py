@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import keras
 from keras import ops
 
+from keras_tap.training import step as step_lib
 from keras_tap.training.step import LossTerms, TapOutput, TapTerms
 from keras_tap.training.trainers.portable import (  # noqa: F401
     SHAPE_ERRORS,
@@ -128,16 +129,11 @@ def _logged_nonfinite(model, metrics_values):
     before this one, in the same execution, skipped its update. With
     `steps_per_execution > 1` the execution's later steps skip theirs
     too, so `fit` stops with the weights of the last good step."""
-    names = {"loss", "predictions_loss"}
-    names.update(f"{n}_loss" for n in model.tap_names)
-    tracked = {
-        id(v) for m in model.metrics if m.name in names for v in m.variables
-    }
+    tracked = {id(v) for v in step_lib.loss_tracker_variables(model)}
     values = [
         value
         for variable, value in zip(model.metrics_variables, metrics_values)
         if id(variable) in tracked
-        and keras.backend.is_float_dtype(variable.dtype)
     ]
     if not values:
         return False

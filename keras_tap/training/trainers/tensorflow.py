@@ -8,6 +8,7 @@ import weakref
 import keras
 import tensorflow as tf
 
+from keras_tap.training import step as step_lib
 from keras_tap.training.trainers.multi_worker import (  # noqa: F401
     make_function,
     maybe_symbolic_build,
@@ -173,14 +174,9 @@ def logged_nonfinite(model):
     `<tap>_loss`, reset every epoch) hold a non-finite value: under
     `jit_compile=True`, a step before this one in the same execution
     skipped its update, and so does this one."""
-    names = {"loss", "predictions_loss"}
-    names.update(f"{n}_loss" for n in model.tap_names)
     checks = [
         tf.reduce_all(tf.math.is_finite(variable.value))
-        for metric in model.metrics
-        if metric.name in names
-        for variable in metric.variables
-        if keras.backend.is_float_dtype(variable.dtype)
+        for variable in step_lib.loss_tracker_variables(model)
     ]
     if not checks:
         return tf.constant(False)
