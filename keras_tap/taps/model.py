@@ -174,7 +174,8 @@ class TapModel(StatisticsMixin, Trainer, keras.Model):
         """The teacher's tapped outputs for `inputs` (no gradient)."""
         if self._teacher_forward is None:
             return {}
-        _, values = self._teacher_forward(inputs, training=False)
+        with trainers.get().no_gradient():
+            _, values = self._teacher_forward(inputs, training=False)
         return {n: ops.stop_gradient(v) for n, v in values.items()}
 
     # -- gradients -------------------------------------------------------------

@@ -3,6 +3,7 @@
 import math
 import numbers
 
+import keras
 from keras import ops
 
 
@@ -41,3 +42,17 @@ def from_name(identifier, by_name, aliases):
     """The class named `identifier` (a class name, or a snake-case alias
     in any case), or `None`."""
     return by_name.get(identifier) or aliases.get(identifier.lower())
+
+
+def from_string(identifier, by_name, aliases, get):
+    """What a name gives before a module's own fallbacks: our class of
+    that name (`from_name`) built with its defaults, or the object
+    registered as `"package>Name"` passed through `get`; else `None`."""
+    cls = from_name(identifier, by_name, aliases)
+    if cls is not None:
+        return cls()
+    if ">" in identifier:
+        registered = keras.saving.get_registered_object(identifier)
+        if registered is not None:
+            return get(registered)
+    return None

@@ -22,7 +22,7 @@ import keras
 from keras import ops
 
 from keras_tap.training import feature_losses
-from keras_tap.training.arguments import from_name
+from keras_tap.training.arguments import from_string
 from keras_tap.training.feature_losses import (
     NST,
     AttentionTransfer,
@@ -174,13 +174,9 @@ _BY_NAME = {**{cls.__name__: cls for cls in _CLASSES}, **_ALIASES}
 
 
 def _from_string(identifier):
-    cls = from_name(identifier, _BY_NAME, _ALIASES)
-    if cls is not None:
-        return cls()
-    if ">" in identifier:
-        registered = keras.saving.get_registered_object(identifier)
-        if registered is not None:
-            return get(registered)
+    found = from_string(identifier, _BY_NAME, _ALIASES, get)
+    if found is not None:
+        return found
     obj = _resolve_keras_function(identifier)
     if isinstance(obj, keras.losses.Loss):
         return obj

@@ -20,7 +20,7 @@ import difflib
 import keras
 from keras import ops
 
-from keras_tap.training.arguments import as_float32, check_number, from_name
+from keras_tap.training.arguments import as_float32, check_number, from_string
 from keras_tap.training.moments import (
     centred,
     check_cross_replica,
@@ -415,13 +415,9 @@ _BY_NAME = {**{cls.__name__: cls for cls in _CLASSES}, **_ALIASES}
 
 
 def _from_string(identifier):
-    cls = from_name(identifier, _BY_NAME, _ALIASES)
-    if cls is not None:
-        return cls()
-    if ">" in identifier:
-        registered = keras.saving.get_registered_object(identifier)
-        if registered is not None:
-            return get(registered)
+    found = from_string(identifier, _BY_NAME, _ALIASES, get)
+    if found is not None:
+        return found
     keras_classes = _keras_regularizers()
     if identifier in keras_classes:
         return keras_classes[identifier]()

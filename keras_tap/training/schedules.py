@@ -128,6 +128,17 @@ class Constant(Schedule):
     def __init__(self, value):
         self.value = _check_weight(type(self).__name__, "value", value)
 
+    def __call__(self, step):
+        # At one step, the step is not read: one op, not a cast and a
+        # broadcast (each is a dispatch on an eager backend).
+        try:
+            scalar = len(getattr(step, "shape", ())) == 0
+        except ValueError:  # a tensor of unknown rank
+            scalar = False
+        if scalar:
+            return ops.convert_to_tensor(self.value, dtype="float32")
+        return super().__call__(step)
+
     def call(self, step):
         return ops.zeros_like(step) + self.value
 

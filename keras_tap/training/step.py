@@ -85,33 +85,46 @@ def assemble(model, x, y, y_pred, sample_weight=None, training=True):
     predictions, taps = y_pred
     pred_y, _ = model.split_targets(y)
     pred_sw, _ = model.split_weights(sample_weight, y)
-    zero = ops.zeros((), dtype="float32")
-    predictions_loss = zero
     if model.loss is not None:
         predictions_loss = trainers.get().unscale_for_replicas(
             compiled_loss(model, pred_y, predictions, pred_sw)
         )
-    extra_loss = zero
-    for loss in model.losses:
-        extra_loss = extra_loss + ops.sum(ops.cast(loss, "float32"))
+    else:
+        predictions_loss = ops.zeros((), dtype="float32")
+    extra_loss = scalar_sum(
+        ops.sum(ops.cast(loss, "float32")) for loss in model.losses
+    )
     terms = model.compute_tap_losses(
         x, y, taps, sample_weight=sample_weight, training=training
     )
     step = optimizer_step(model)
     weights = model.tap_weights(step)
-    tap_loss = zero
-    for tap_name, term in terms.items():
+    for tap_name in terms:
         if tap_name not in weights:
             raise ValueError(
                 f"`compute_tap_losses` returned a term for {tap_name!r}, "
                 f"which is not a tap of the model; its taps are "
                 f"{list(model.tap_names)}."
             )
-        tap_loss = tap_loss + weights[tap_name] * ops.cast(term, "float32")
+    tap_loss = scalar_sum(
+        weights[tap_name] * ops.cast(term, "float32")
+        for tap_name, term in terms.items()
+    )
     total = predictions_loss + extra_loss + tap_loss
     return LossTerms(
         predictions_loss, extra_loss, terms, weights, tap_loss, total, step
     )
+
+
+def scalar_sum(values):
+    """The sum of float32 scalars, a float32 zero for none (fewer ops
+    than adding to a zero: each is a dispatch on an eager backend)."""
+    total = None
+    for value in values:
+        total = value if total is None else total + value
+    if total is None:
+        return ops.zeros((), dtype="float32")
+    return total
 
 
 def compiled_loss(model, y, predictions, sample_weight):
@@ -164,14 +177,16 @@ def tap_terms(model, x, y, taps, sample_weight=None, training=False):
     for tap_name, tap in model.taps.items():
         if not tap.has_terms:
             continue
-        term = ops.zeros((), dtype="float32")
+        parts = []
         if tap.loss is not None:
-            term = term + tap_loss_value(
-                tap_name, tap, outputs[tap_name], adapter=tap.adapter
+            parts.append(
+                tap_loss_value(
+                    tap_name, tap, outputs[tap_name], adapter=tap.adapter
+                )
             )
         if tap.regularizer is not None:
-            term = term + regularizer_term(tap.regularizer, taps[tap_name])
-        terms[tap_name] = term
+            parts.append(regularizer_term(tap.regularizer, taps[tap_name]))
+        terms[tap_name] = scalar_sum(parts)
     return terms
 
 
@@ -254,7 +269,10 @@ def regularizer_term(regularizer, activation):
     activation = ops.cast(activation, "float32")
     value = ops.cast(regularizer(activation), "float32")
     if sums_over_batch(regularizer):
-        value = value / ops.cast(ops.shape(activation)[0], "float32")
+        batch = ops.shape(activation)[0]
+        if not isinstance(batch, int):  # a dynamic batch size (traced)
+            batch = ops.cast(batch, "float32")
+        value = value / batch
     return value
 
 

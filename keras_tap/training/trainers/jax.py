@@ -27,6 +27,7 @@ from keras_tap.training.trainers.portable import (  # noqa: F401
     call_rank,
     guard_finite,
     loss_accepts,
+    no_gradient,
     nonfinite_error,
     nonfinite_message,
     num_replicas,

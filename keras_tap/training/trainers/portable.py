@@ -7,6 +7,7 @@ Neither backend splits a batch into replicas inside the step: JAX's
 scaled for replicas, and a sum over replicas is the value itself.
 """
 
+import contextlib
 import weakref
 
 import keras
@@ -41,6 +42,13 @@ def guard_finite(values, terms, step, jit_compile):
     """`values` as they are: the JAX and PyTorch steps check the total
     loss themselves before applying the update."""
     return tuple(values)
+
+
+def no_gradient():
+    """A scope whose computations record nothing for gradients (the
+    frozen teacher's pass): nothing on JAX, whose gradients are taken of
+    functions of the trainable variables alone."""
+    return contextlib.nullcontext()
 
 
 def _concrete(shape):

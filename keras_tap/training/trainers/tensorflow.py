@@ -2,6 +2,7 @@
 and what is TensorFlow's own: distribution scaling, the non-finite guard,
 class weights on a `tf.data.Dataset`."""
 
+import contextlib
 import re
 import weakref
 
@@ -18,6 +19,13 @@ from keras_tap.training.trainers.multi_worker import (  # noqa: F401
 NONFINITE_MARKER = "keras_tap non-finite tap loss"
 # Errors a loss raises on shapes it cannot compare, when run eagerly.
 SHAPE_ERRORS = (tf.errors.InvalidArgumentError,)
+
+
+def no_gradient():
+    """A scope for the frozen teacher's pass: nothing here, the
+    `stop_gradient` on its outputs prunes it from the step's gradient
+    graph (TensorFlow has no public scope that stops a tape recording)."""
+    return contextlib.nullcontext()
 
 
 def num_replicas():

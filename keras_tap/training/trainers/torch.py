@@ -28,6 +28,12 @@ from keras_tap.training.trainers.portable import (  # noqa: F401
 )
 
 
+def no_gradient():
+    """`torch.no_grad()`: the frozen teacher's pass builds no autograd
+    graph (its variables are trainable ones that the step leaves out)."""
+    return torch.no_grad()
+
+
 def check_finite(losses):
     """Raise `FloatingPointError` when a loss of the step is not finite
     (before the optimizer applies it)."""
