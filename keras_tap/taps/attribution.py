@@ -53,35 +53,72 @@ def _differentiate(run, inputs, perturb=None):
     """`(outputs, values, grads)`: `run(inputs) -> (outputs, values,
     score)`, and the gradient of `score` with respect to each leaf of
     `values` (zeros where it does not depend on one). `perturb(deltas)`
-    adds `deltas` to the values while the model runs (used by JAX)."""
+    adds `deltas[name]` to the value of each tap while the model runs: the
+    gradient is taken with respect to these zeros on every backend, so a
+    point's gradient is the same on each (for `"b:input"`, the gradient
+    through `b` alone, whatever else reads the same tensor)."""
     backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
+    if backend in ("tensorflow", "torch"):
+        # The zeros are made when the hook first sees each value, where
+        # the autodiff records them (no pass to learn the shapes).
+        made = {}
 
-        with tf.GradientTape() as tape:
-            tape.watch(
-                [t for t in keras.tree.flatten(inputs)
-                 if t.dtype.is_floating]
+        def lazy(name, watch):
+            def delta(value):
+                zeros = keras.tree.map_structure(
+                    lambda t: watch(ops.zeros_like(t)), value
+                )
+                made[name] = zeros
+                return zeros
+            return delta
+
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            def watch(t):
+                if t.dtype.is_floating:
+                    tape.watch(t)
+                return t
+
+            with tf.GradientTape() as tape:
+                with perturb(_LazyDeltas(lazy, watch)):
+                    outputs, values, score = run(inputs)
+            names = list(made)
+            found = tape.gradient(
+                score, [made[n] for n in names],
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
             )
-            outputs, values, score = run(inputs)
-            leaves = keras.tree.flatten(values)
-        grads = tape.gradient(
-            score, leaves, unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
-    elif backend == "torch":
-        import torch
+        else:
+            import torch
 
-        outputs, values, score = run(inputs)
-        leaves = keras.tree.flatten(values)
-        wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
-        found = torch.autograd.grad(
-            score, [leaves[i] for i in wanted], allow_unused=True
-        )
-        grads = [torch.zeros_like(t) for t in leaves]
-        for i, grad in zip(wanted, found):
-            if grad is not None:
-                grads[i] = grad
-    elif backend == "jax":
+            def watch(t):
+                if torch.is_floating_point(t):
+                    t.requires_grad_(True)
+                return t
+
+            with perturb(_LazyDeltas(lazy, watch)):
+                outputs, values, score = run(inputs)
+            names = list(made)
+            leaves = keras.tree.flatten([made[n] for n in names])
+            wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
+            grads = [torch.zeros_like(t) for t in leaves]
+            if wanted and score.requires_grad:
+                got = torch.autograd.grad(
+                    score, [leaves[i] for i in wanted], allow_unused=True
+                )
+                for i, grad in zip(wanted, got):
+                    if grad is not None:
+                        grads[i] = grad
+            found = keras.tree.pack_sequence_as(
+                [made[n] for n in names], grads
+            )
+        grads = dict(zip(names, found))
+        return outputs, values, {
+            name: grads.get(name, keras.tree.map_structure(
+                ops.zeros_like, value))
+            for name, value in values.items()
+        }
+    if backend == "jax":
         import jax
 
         # JAX differentiates functions, not tensors: a zero added at each
@@ -97,14 +134,25 @@ def _differentiate(run, inputs, perturb=None):
         )
         grads, (outputs, values) = jax.grad(scored, has_aux=True)(deltas)
         return outputs, values, grads
-    else:
-        raise NotImplementedError(
-            f"`gradients` is not implemented for the {backend!r} backend."
-        )
-    return outputs, values, keras.tree.pack_sequence_as(values, grads)
+    raise NotImplementedError(
+        f"`gradients` is not implemented for the {backend!r} backend."
+    )
+
+
+class _LazyDeltas:
+    """`deltas[name]`: a function making the zeros for the value it is
+    given (TensorFlow and PyTorch build them while the model runs)."""
+
+    def __init__(self, lazy, watch):
+        self._lazy, self._watch = lazy, watch
+
+    def __getitem__(self, name):
+        return self._lazy(name, self._watch)
 
 
 def _shifted(value, delta):
+    if callable(delta):  # made from the value (`_LazyDeltas`)
+        delta = delta(value)
     return keras.tree.map_structure(
         lambda a, d: a + ops.cast(d, a.dtype), value, delta
     )

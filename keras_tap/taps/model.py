@@ -185,7 +185,10 @@ class TapModel(StatisticsMixin, Trainer, keras.Model):
 
         One forward and one backward pass (inference mode): the target,
         summed over the batch, is differentiated with respect to each
-        tapped activation.
+        tapped activation, as a zero added at that point while the model
+        runs: the same on every backend, and for a point such as
+        `"b:input"` the gradient through `b` alone (tap the layer that
+        computes the tensor for its gradient through every reader).
 
         Args:
             x: a batch of inputs.

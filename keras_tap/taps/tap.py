@@ -302,7 +302,9 @@ def resolve_taps(index, taps, reserved=()):
                     f"Tap one element instead: {elements}."
                 )
             address = index.address(point)
-            if isinstance(tap.layer, keras.layers.Layer):
+            if isinstance(tap.layer, keras.layers.Layer) or (
+                tap.layer.startswith("re:")
+            ):
                 # Saved with the model: resolvable in another process, where
                 # Keras numbers generated names differently.
                 address = index.stable_address(point)

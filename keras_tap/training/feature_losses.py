@@ -266,6 +266,63 @@ class CosineFeature(_FeatureLoss):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
+class LogitsKL(_FeatureLoss):
+    """Soft-target distillation: KL divergence of temperature-softened logits.
+
+    From "Distilling the Knowledge in a Neural Network" (Hinton et al.,
+    2015), as keras-io's "Knowledge Distillation" example computes it. With
+    teacher logits `t`, student logits `s` (last axis: the classes) and
+    `p = softmax(t / T)`, `q = softmax(s / T)`:
+
+    ```
+    loss_b = T^2 * sum_k p_k * (log p_k - log q_k)
+    ```
+
+    The `T^2` keeps the gradients' scale independent of `T`. Tap the
+    logits (before any softmax) of the student and the teacher. A Keras
+    `"kl_divergence"` on logits does not do this: it expects
+    probabilities and clips logits into `[eps, 1]`, silently.
+
+    Args:
+        temperature: The softening temperature `T`, a finite float > 0.
+            Defaults to `1.0`.
+        name: Optional name for the loss instance.
+        reduction, dtype: As in `keras.losses.Loss`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_tap import losses
+    >>> t = np.array([[2.0, 0.0, -1.0]])
+    >>> round(float(losses.LogitsKL(temperature=3.0)(t, t)), 4)
+    0.0
+    """
+
+    def __init__(
+        self,
+        temperature=1.0,
+        name="logits_kl",
+        reduction="sum_over_batch_size",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.temperature = check_number(
+            type(self).__name__, "temperature", temperature, strict=True
+        )
+
+    def call(self, y_true, y_pred):
+        t = as_float32(y_true, type(self).__name__, 2) / self.temperature
+        s = as_float32(y_pred, type(self).__name__, 2) / self.temperature
+        log_p = ops.log_softmax(t, axis=-1)
+        log_q = ops.log_softmax(s, axis=-1)
+        kl = ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
+        return _per_step_mean(kl * self.temperature**2)
+
+    def get_config(self):
+        return {"temperature": self.temperature, **super().get_config()}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
 class NST(_FeatureLoss):
     """Neuron selectivity transfer: MMD between channel distributions.
 

@@ -1,8 +1,9 @@
 """Losses between a tap's activation and a target activation: `kt.losses`.
 
 The feature losses (`FeatureMSE`, `AttentionTransfer`, `GramMatrix`,
-`CosineFeature`, `NST`) live in `feature_losses.py`; this module adds
-`Wrapped`, which makes a `Loss` of a loss function or identifier, and `get`.
+`CosineFeature`, `NST`) and `LogitsKL` live in `feature_losses.py`; this
+module adds `Wrapped`, which makes a `Loss` of a loss function or
+identifier, and `get`.
 
 Every loss here is a `keras.losses.Loss` called as `loss(target, activation)`
 (`y_true` is the target, e.g. the teacher's feature, `y_pred` the student's).
@@ -29,6 +30,7 @@ from keras_tap.training.feature_losses import (
     CosineFeature,
     FeatureMSE,
     GramMatrix,
+    LogitsKL,
     _FeatureLoss,
     _per_step_mean,
 )
@@ -38,6 +40,7 @@ __all__ = [
     "CosineFeature",
     "FeatureMSE",
     "GramMatrix",
+    "LogitsKL",
     "NST",
     "Wrapped",
     "get",
@@ -162,12 +165,20 @@ class Wrapped(_FeatureLoss):
         return cls(**config)
 
 
-_CLASSES = (AttentionTransfer, CosineFeature, FeatureMSE, GramMatrix, NST)
+_CLASSES = (
+    AttentionTransfer,
+    CosineFeature,
+    FeatureMSE,
+    GramMatrix,
+    LogitsKL,
+    NST,
+)
 _ALIASES = {
     "attention_transfer": AttentionTransfer,
     "cosine_feature": CosineFeature,
     "feature_mse": FeatureMSE,
     "gram_matrix": GramMatrix,
+    "logits_kl": LogitsKL,
     "nst": NST,
 }
 _BY_NAME = {**{cls.__name__: cls for cls in _CLASSES}, **_ALIASES}
