@@ -236,6 +236,24 @@ def choose(args):
     backend, where = select(args.backend, configured, environ)
     if backend is not None:
         use(backend, where)
+    elif environ.get("KERAS_BACKEND"):
+        # Keras would fail on import with a traceback: say it here.
+        current = environ["KERAS_BACKEND"]
+        if current not in BACKENDS:
+            word = current.strip().lower()
+            closest = word if word in BACKENDS else _ALIASES.get(word)
+            suggestion = (
+                f"; did you mean {closest!r}?"
+                if closest
+                else hint(word, BACKENDS)
+            )
+            raise ConfigError(
+                "KERAS_BACKEND",
+                f"unknown backend {current!r} in the environment"
+                f"{suggestion} (expected one of {', '.join(BACKENDS)}; or "
+                "pass --backend)",
+            )
+        installed(current, "KERAS_BACKEND")
     if args.backend is not None and hasattr(args, "overrides"):
         # The config then records the backend the run trains on.
         args.overrides = [*args.overrides, f"backend={args.backend}"]

@@ -219,15 +219,24 @@ def resolve(kind, value, where):
         raise expected(
             where, f"a {kind} identifier or {{class_name, config}}", value
         )
+    # Read before `getter`: Keras's deserializers may edit the dict (an
+    # optimizer's `class_name` is lower-cased in place).
+    name = value.get("class_name") if isinstance(value, dict) else value
+    config = value.get("config") if isinstance(value, dict) else None
     try:
-        result = getter(value)
+        result = getter(json_copy(value))
     except Exception as error:
         message = message_of(error)
-        name = value.get("class_name") if isinstance(value, dict) else value
         modules = [KERAS_MODULES.get(kind)]
         modules.append({"loss": losses, "regularizer": regularizers}.get(kind))
         modules.append(schedules if kind == "schedule" else None)
         names = {n for m in modules if m for n in dir(m) if n[:1].isalpha()}
+        if isinstance(name, str) and isinstance(config, dict):
+            cls = next(
+                (getattr(m, name) for m in modules if m and hasattr(m, name)),
+                None,
+            ) or keras.saving.get_registered_object(name)
+            _check_arguments(cls, config, f"{where}.config")
         if kind == "optimizer" and isinstance(value, str):
             names = {n.lower() for n in names if n[:1].isupper()}
         if name not in names and (
@@ -238,6 +247,40 @@ def resolve(kind, value, where):
     if result is None:
         raise expected(where, f"a {kind}", value)
     return result
+
+
+def json_copy(value):
+    """A deep copy of nested dicts and lists (other values are shared)."""
+    if isinstance(value, dict):
+        return {k: json_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_copy(v) for v in value]
+    return value
+
+
+def _check_arguments(cls, config, where):
+    """Raises at `where.<key>` for a `config` key that no `__init__` of
+    `cls` (or its base classes) takes, naming the closest argument."""
+    if not isinstance(cls, type):
+        return
+    known = set()
+    for base in cls.__mro__[:-1]:
+        try:
+            parameters = inspect.signature(base.__init__).parameters
+        except (TypeError, ValueError):
+            continue
+        known |= {
+            n
+            for n, p in parameters.items()
+            if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        }
+    for key in config:
+        if isinstance(key, str) and key not in known:
+            message = f"unknown argument of {cls.__name__}"
+            close = hint(key, sorted(known))
+            if not close and 0 < len(known) <= 12:
+                close = f" (expected one of {', '.join(sorted(known))})"
+            raise ConfigError(key_path(key, prefix=where), message + close)
 
 
 def with_module(value, module):

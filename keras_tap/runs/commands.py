@@ -338,6 +338,12 @@ def _load_model(spec, *, base_only=False):
         raise ConfigError("MODEL_OR_CONFIG", f"{message}, got {spec!r}")
     if not path.is_file():
         raise ConfigError("MODEL_OR_CONFIG", f"no such file: {str(path)!r}")
+    import keras_tap
+
+    # `keras_tap` was imported before Keras here (by the command line), so
+    # its serializable classes (`TapModel`, losses, ...) are registered
+    # only once their modules load: load them all before reading the file.
+    keras_tap._load_all()
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:

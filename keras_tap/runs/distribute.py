@@ -124,15 +124,14 @@ class DistributionConfig:
                 key_path("strategy", prefix=where),
                 f"{strategy!r} is a tf.distribute strategy and needs the "
                 f"TensorFlow backend; the active Keras backend is "
-                f"{backend!r} (use 'data_parallel' on JAX)",
+                f"{backend!r} ({_instead(backend)})",
             )
         if strategy == "data_parallel" and backend != "jax":
             raise ConfigError(
                 key_path("strategy", prefix=where),
                 "'data_parallel' is keras.distribution.DataParallel, which "
                 f"needs the JAX backend; the active Keras backend is "
-                f"{backend!r} (use 'mirrored' for the devices of one "
-                "machine or 'multi_worker' for several machines)",
+                f"{backend!r} ({_instead(backend)})",
             )
         if self.devices is not None and strategy not in (
             "mirrored",
@@ -418,3 +417,25 @@ class Placement:
                     target.rmdir()
                 except OSError:
                     pass
+
+
+def _instead(backend):
+    """What a strategy the active `backend` does not run can be replaced
+    with: the strategies of that backend, or another backend."""
+    if backend == "jax":
+        return (
+            "on JAX use 'data_parallel' for the devices of this machine, or "
+            "'none'; 'mirrored' and 'multi_worker' run with --backend "
+            "tensorflow"
+        )
+    if backend == "tensorflow":
+        return (
+            "on TensorFlow use 'mirrored' for the devices of one machine or "
+            "'multi_worker' for several machines, or 'none'; "
+            "'data_parallel' runs with --backend jax"
+        )
+    return (
+        f"the {backend!r} backend runs no distribution strategy: use "
+        "'none', or --backend jax for 'data_parallel' or --backend "
+        "tensorflow for 'mirrored' and 'multi_worker'"
+    )

@@ -317,7 +317,7 @@ def _raise_layer_error(class_name, config, where, error):
     cls = getattr(keras.layers, class_name, None)
     if isinstance(cls, type):
         known = set(inspect.signature(cls).parameters)
-        known |= set(inspect.signature(keras.layers.Layer).parameters)
+        known |= set(inspect.signature(keras.layers.Layer.__init__).parameters)
         known |= {"input_shape", "input_dim", "batch_size", "dtype"}
         for key in config:
             if key not in known:

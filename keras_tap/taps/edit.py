@@ -44,6 +44,26 @@ def _as(value, like):
     return ops.cast(ops.convert_to_tensor(value), like.dtype)
 
 
+class _ShapeError(ValueError):
+    """An edit's array that does not broadcast to the activation."""
+
+
+def _fits(edit, what, value, activation):
+    """`value`, raising `_ShapeError` when it does not broadcast to the
+    activation's shape (the same `ValueError` on every backend, where the
+    backends raise their own errors from inside the layer's call)."""
+    have, want = tuple(value.shape), tuple(activation.shape)
+    if len(have) > len(want) or not all(
+        a is None or b is None or a == 1 or a == b
+        for a, b in zip(reversed(have), reversed(want))
+    ):
+        raise _ShapeError(
+            f"the edit {edit!r}: its {what} has shape {have}, which does "
+            f"not broadcast to the activation's shape {want}."
+        )
+    return value
+
+
 class Edit:
     """Base class of the `kt.edits`: `edit(activation) -> activation`."""
 
@@ -82,9 +102,13 @@ class Scale(Edit):
         self.factor = factor
 
     def __call__(self, activation):
-        return activation * _as(self.factor, activation)
+        factor = _fits(self, "factor", _as(self.factor, activation),
+                       activation)
+        return activation * factor
 
     def __repr__(self):
+        if np.ndim(self.factor):  # An array: its shape, not its values.
+            return f"Scale(<factor of shape {np.shape(self.factor)}>)"
         return f"Scale({self.factor!r})"
 
 
@@ -102,9 +126,9 @@ class Add(Edit):
         self.scale = scale
 
     def __call__(self, activation):
-        return activation + _as(self.vector, activation) * _as(
-            self.scale, activation
-        )
+        vector = _fits(self, "vector", _as(self.vector, activation),
+                       activation)
+        return activation + vector * _as(self.scale, activation)
 
     def __repr__(self):
         return f"Add(<vector>, scale={self.scale!r})"
@@ -143,9 +167,11 @@ class Replace(Edit):
                 f"{want[0]} (shape {want}). Take the value from a run on "
                 "a batch of the same size."
             )
+        _fits(self, "value", value, activation)
         if self.where is None:
             return value
         mask = ops.cast(ops.convert_to_tensor(self.where), "bool")
+        _fits(self, "where mask", mask, activation)
         return ops.where(mask, value, activation)
 
     def __repr__(self):
@@ -208,7 +234,10 @@ class ProjectOut(Edit):
 
 def _checked(name, edit, activation):
     """`edit(activation)`, raising when it changes the shape or dtype."""
-    edited = edit(activation)
+    try:
+        edited = edit(activation)
+    except _ShapeError as e:
+        raise ValueError(f"kt.edit at {name!r}: {e}") from None
     want_shape = tuple(activation.shape)
     want_dtype = keras.backend.standardize_dtype(activation.dtype)
     if hasattr(edited, "shape") and hasattr(edited, "dtype"):

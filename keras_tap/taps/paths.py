@@ -4,8 +4,7 @@ A layer path is a layer name (`"conv4_block6_out"`), a `/`-separated path
 into nested models (`"resnet50/conv3_block1_out"`), or one call of a layer
 that is called more than once (`"enc@1"`, the 0-based call index in graph
 order). A path starting with `re:` is a regular expression matched with
-`re.fullmatch` against every layer path (and against the path with a
-generated `_N` suffix left out where a path may leave it out).
+`re.fullmatch` against every layer path.
 
 Paths reach inside layers (`"vit_encoder/transformer_block_1/mha"`), where
 a segment may leave out Keras's generated `_N` suffix when the rest names
@@ -334,13 +333,7 @@ class LayerIndex:
             ) from e
         matches, skipped = [], []
         for path, calls in self.points.items():
-            if not calls:
-                continue
-            # A generated `_N` suffix may be left out of a pattern where a
-            # path may leave it out (`.../mha/softmax` for `softmax_1`).
-            if not pattern.fullmatch(path) and not pattern.fullmatch(
-                self.stable_address(calls[0]).split("@", 1)[0]
-            ):
+            if not calls or not pattern.fullmatch(path):
                 continue
             if path in self.output_paths:
                 skipped.append(path)  # The outputs are the predictions.
