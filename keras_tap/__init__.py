@@ -36,7 +36,7 @@ _EXPORTS = {
     "config": ("keras_tap.runs.config", None),
     "attribution": ("keras_tap.taps.attribution", None),
     "edit": ("keras_tap.taps.edit", "edit"),
-    "edits": ("keras_tap.taps.edit", None),
+    "edits": ("keras_tap.taps.edits", None),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -310,3 +310,13 @@ def test_steer_transformer_example(tmp_path):
     # last position any more: nothing is restored.
     assert restored["transformer_layer_1"] == pytest.approx(0.0, abs=1e-5)
     assert (tmp_path / "patching.png").stat().st_size > 0
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from keras_tap.taps import edit, edits
+
+    for module in (edit, edits):
+        results = doctest.testmod(module)
+        assert results.attempted and not results.failed, module.__name__
