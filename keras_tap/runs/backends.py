@@ -68,17 +68,20 @@ def check(value, where="backend"):
     """
     if value is None or (isinstance(value, str) and value in BACKENDS):
         return value
-    word = str(value).strip().lower()
-    closest = word if word in BACKENDS else _ALIASES.get(word)
-    suggestion = (
-        f"; did you mean {closest!r}?" if closest else hint(word, BACKENDS)
-    )
     raise ConfigError(
         where,
-        f"unknown backend {show(value)}{suggestion} (expected one of "
+        f"unknown backend {show(value)}{_suggestion(value)} (expected one of "
         f"{', '.join(BACKENDS)}, or null for KERAS_BACKEND or Keras's "
         "default)",
     )
+
+
+def _suggestion(value):
+    """`"; did you mean 'torch'?"` for a near-miss backend name (an alias
+    such as `pytorch`, or a close spelling), else the closest names."""
+    word = str(value).strip().lower()
+    closest = word if word in BACKENDS else _ALIASES.get(word)
+    return f"; did you mean {closest!r}?" if closest else hint(word, BACKENDS)
 
 
 def of_config(config, overrides=()):
@@ -240,18 +243,11 @@ def choose(args):
         # Keras would fail on import with a traceback: say it here.
         current = environ["KERAS_BACKEND"]
         if current not in BACKENDS:
-            word = current.strip().lower()
-            closest = word if word in BACKENDS else _ALIASES.get(word)
-            suggestion = (
-                f"; did you mean {closest!r}?"
-                if closest
-                else hint(word, BACKENDS)
-            )
             raise ConfigError(
                 "KERAS_BACKEND",
                 f"unknown backend {current!r} in the environment"
-                f"{suggestion} (expected one of {', '.join(BACKENDS)}; or "
-                "pass --backend)",
+                f"{_suggestion(current)} (expected one of "
+                f"{', '.join(BACKENDS)}; or pass --backend)",
             )
         installed(current, "KERAS_BACKEND")
     if args.backend is not None and hasattr(args, "overrides"):
