@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
@@ -21,10 +20,11 @@ from keras_tap.runs import train as training
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "configs" / "digits.yaml"
+SELF_KILL = ROOT / "tests" / "self_kill.py"
 EPOCHS = 4
-# Many tiny steps make an epoch long enough (about a second) to be killed in
-# its middle; TapStatistics and the schedules keep their state across the
-# resume as well.
+# Many tiny steps (64 an epoch), so that the kill lands in the middle of an
+# epoch; TapStatistics and the schedules keep their state across the resume
+# as well.
 SETTINGS = [
     "data.limit=160",
     "data.batch_size=2",
@@ -69,21 +69,6 @@ def read_state(run_dir):
         return None
 
 
-def wait_for_epoch(process, run_dir, epoch, deadline):
-    """Polls the state file until `epoch` is recorded as completed."""
-    while time.monotonic() < deadline:
-        state = read_state(run_dir)
-        if state is not None and state["epoch"] >= epoch:
-            return state, time.monotonic()
-        if process.poll() is not None:
-            pytest.fail(
-                f"training ended early: {process.communicate()[1][-3000:]}"
-            )
-        time.sleep(0.01)
-    process.kill()
-    pytest.fail(f"no checkpoint of epoch {epoch} within {TIMEOUT} s")
-
-
 def final_weights(run_dir):
     model = training.load_run(run_dir)
     saved = keras.saving.load_model(run_dir / "model.keras")
@@ -95,20 +80,17 @@ def final_weights(run_dir):
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     reference = run(command(reference_dir), tmp_path)
-    killed = run(command(killed_dir), tmp_path)
-    deadline = time.monotonic() + TIMEOUT
-
-    # Epochs 0 and 1 complete: measure an epoch, then kill half-way
-    # through epoch 2.
-    _, first = wait_for_epoch(killed, killed_dir, 0, deadline)
-    before_kill, second = wait_for_epoch(killed, killed_dir, 1, deadline)
-    time.sleep((second - first) / 2)
-    assert killed.poll() is None, "training finished before it was killed"
-    killed.send_signal(signal.SIGKILL)
+    # The run kills itself with SIGKILL before batch 32 of epoch 2 (of 64):
+    # epochs 0 and 1 are complete, epoch 2 is half done.
+    killed = run(
+        [sys.executable, str(SELF_KILL), "2", "32", "SIGKILL"]
+        + command(killed_dir)[3:],
+        tmp_path,
+    )
     killed.communicate(timeout=TIMEOUT)
     assert killed.returncode == -signal.SIGKILL
     at_kill = read_state(killed_dir)
-    assert 1 <= at_kill["epoch"] < EPOCHS - 1
+    assert at_kill["epoch"] == 1
     assert not (killed_dir / "model.keras").exists()
 
     # Without --resume the run directory is refused.

@@ -93,9 +93,11 @@ def weights(path):
     out = {}
     with h5py.File(io.BytesIO(data), "r") as file:
         file.visititems(
-            lambda name, obj: out.__setitem__(name, obj[()])
-            if hasattr(obj, "shape")
-            else None
+            lambda name, obj: (
+                out.__setitem__(name, obj[()])
+                if hasattr(obj, "shape")
+                else None
+            )
         )
     return out
 
@@ -103,8 +105,15 @@ def weights(path):
 def test_train_is_quiet_and_writes_the_run_directory(trained):
     run_dir, result = trained
     assert result.stderr == "", result.stderr
-    for name in ("config.yaml", "run.json", "model.keras", "base.keras",
-                 "history.csv", "history.json", "checkpoints/state.json"):
+    for name in (
+        "config.yaml",
+        "run.json",
+        "model.keras",
+        "base.keras",
+        "history.csv",
+        "history.json",
+        "checkpoints/state.json",
+    ):
         assert (run_dir / name).is_file(), name
     info = json.loads((run_dir / "run.json").read_text())
     assert info["backend"] == BACKEND
@@ -119,10 +128,25 @@ def test_commands_load_a_run_directory(trained, command):
     # registered when model.keras is loaded.
     run_dir, _ = trained
     args = {
-        "extract": ["extract", run_dir, "--taps", "c1", "--reduce", "mean",
-                    "--out", run_dir.parent / "feats.npz"],
-        "features": ["plot", "--features", run_dir, "--taps", "conv1",
-                     "--out", run_dir.parent / "maps"],
+        "extract": [
+            "extract",
+            run_dir,
+            "--taps",
+            "c1",
+            "--reduce",
+            "mean",
+            "--out",
+            run_dir.parent / "feats.npz",
+        ],
+        "features": [
+            "plot",
+            "--features",
+            run_dir,
+            "--taps",
+            "conv1",
+            "--out",
+            run_dir.parent / "maps",
+        ],
     }[command]
     result = keras_tap(*args, cwd=run_dir.parent)
     assert result.returncode == 0, result.stderr
@@ -132,45 +156,66 @@ def test_commands_load_a_run_directory(trained, command):
         assert feats["c1"].shape[1:] == (4,)
 
 
-# Epochs long enough to be killed in the second one.
-STEPS = f"fit.steps_per_epoch={600 if BACKEND == 'jax' else 60}"
+# Epochs of 24 steps: the killed run signals itself before step 12 of the
+# second (tests/self_kill.py).
+STEPS = "fit.steps_per_epoch=24"
+SELF_KILL = os.path.join(os.path.dirname(__file__), "self_kill.py")
 
 
 @pytest.fixture(scope="module")
 def reference(workdir):
-    result = keras_tap("train", "tiny.yaml", "--set", "run.dir=ref",
-                       "--set", STEPS, cwd=workdir)
+    result = keras_tap(
+        "train",
+        "tiny.yaml",
+        "--set",
+        "run.dir=ref",
+        "--set",
+        STEPS,
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr
     return workdir / "ref"
 
 
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="jax and torch trials")
-def test_killed_mid_epoch_and_resumed_equals_uninterrupted(
-    reference, workdir
-):
+def test_killed_mid_epoch_and_resumed_equals_uninterrupted(reference, workdir):
     # SIGTERM on JAX, SIGKILL on PyTorch (neither leaves a handler time).
     sig = "SIGTERM" if BACKEND == "jax" else "SIGKILL"
     run_dir = workdir / f"killed_{sig}"
     steps = STEPS
-    process = subprocess.Popen(
-        [sys.executable, "-m", "keras_tap.runs.cli", "train", "tiny.yaml",
-         "--set", f"run.dir={run_dir.name}", "--set", steps],
-        cwd=workdir, env=env_of(), stdout=subprocess.DEVNULL,
+    process = subprocess.run(
+        [
+            sys.executable,
+            SELF_KILL,
+            "1",
+            "12",
+            sig,
+            "train",
+            "tiny.yaml",
+            "--set",
+            f"run.dir={run_dir.name}",
+            "--set",
+            steps,
+        ],
+        cwd=workdir,
+        env=env_of(),
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        timeout=120,
     )
+    assert process.returncode == -getattr(signal, sig)
     state = run_dir / "checkpoints" / "state.json"
-    deadline = time.monotonic() + 90
-    while not state.is_file():
-        assert process.poll() is None, "finished before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    time.sleep(0.2)
-    process.send_signal(getattr(signal, sig))
-    process.wait(timeout=30)
     assert json.loads(state.read_text())["epoch"] == 0  # killed in epoch 2
-    result = keras_tap("train", "tiny.yaml", "--set",
-                       f"run.dir={run_dir.name}", "--set", steps, "--resume",
-                       cwd=workdir)
+    result = keras_tap(
+        "train",
+        "tiny.yaml",
+        "--set",
+        f"run.dir={run_dir.name}",
+        "--set",
+        steps,
+        "--resume",
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr
     info = json.loads((run_dir / "run.json").read_text())
     sessions = [(s["backend"], s["initial_epoch"]) for s in info["sessions"]]
@@ -181,19 +226,34 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(
     got = weights(run_dir / "base.keras")
     assert expected.keys() == got.keys()
     for key in expected:
-        np.testing.assert_allclose(got[key], expected[key], rtol=1e-6,
-                                   atol=1e-7, err_msg=key)
+        np.testing.assert_allclose(
+            got[key], expected[key], rtol=1e-6, atol=1e-7, err_msg=key
+        )
 
 
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="jax and torch trials")
 def test_resumed_on_the_other_backend(trained, workdir):
     reference, _ = trained
     other = "torch" if BACKEND == "jax" else "jax"
-    first = keras_tap("train", "tiny.yaml", "--set", "run.dir=cross",
-                      "--set", "fit.epochs=1", cwd=workdir)
+    first = keras_tap(
+        "train",
+        "tiny.yaml",
+        "--set",
+        "run.dir=cross",
+        "--set",
+        "fit.epochs=1",
+        cwd=workdir,
+    )
     assert first.returncode == 0, first.stderr
-    result = keras_tap("train", "tiny.yaml", "--set", "run.dir=cross",
-                       "--resume", cwd=workdir, env=env_of(other))
+    result = keras_tap(
+        "train",
+        "tiny.yaml",
+        "--set",
+        "run.dir=cross",
+        "--resume",
+        cwd=workdir,
+        env=env_of(other),
+    )
     assert result.returncode == 0, result.stderr
     info = json.loads((workdir / "cross" / "run.json").read_text())
     sessions = [(s["backend"], s["initial_epoch"]) for s in info["sessions"]]
@@ -201,8 +261,9 @@ def test_resumed_on_the_other_backend(trained, workdir):
     expected = weights(reference / "base.keras")
     got = weights(workdir / "cross" / "base.keras")
     for key in expected:  # Another backend: float rounding only.
-        np.testing.assert_allclose(got[key], expected[key], rtol=1e-4,
-                                   atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(
+            got[key], expected[key], rtol=1e-4, atol=1e-5, err_msg=key
+        )
 
 
 BAD = [
@@ -248,12 +309,11 @@ def test_bad_config_is_one_clear_line(
     if override == "distribution=mirrored" and BACKEND == "tensorflow":
         pytest.skip("mirrored runs on TensorFlow")
     if override == "backend=pytorch":
-        message = (
-            "backend: unknown backend 'pytorch'; did you mean 'torch'?"
-        )
+        message = "backend: unknown backend 'pytorch'; did you mean 'torch'?"
     if override in SUBPROCESS:
-        result = keras_tap("validate", "tiny.yaml", "--set", override,
-                           cwd=workdir, timeout=60)
+        result = keras_tap(
+            "validate", "tiny.yaml", "--set", override, cwd=workdir, timeout=60
+        )
     else:
         from keras_tap.runs import cli
 
@@ -280,8 +340,9 @@ def test_bad_config_is_one_clear_line(
 
 
 def test_unknown_keras_backend_in_the_environment(workdir):
-    result = keras_tap("validate", "tiny.yaml", cwd=workdir,
-                       env=env_of("pytorch"), timeout=60)
+    result = keras_tap(
+        "validate", "tiny.yaml", cwd=workdir, env=env_of("pytorch"), timeout=60
+    )
     assert result.returncode == 2
     assert result.stderr == (
         "keras-tap: error: KERAS_BACKEND: unknown backend 'pytorch' in the "
@@ -303,8 +364,13 @@ def test_help_imports_no_backend(workdir):
         "print('HEAVY', heavy)\n"
     )
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", code], cwd=workdir,
-                            env=env_of(), capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=workdir,
+        env=env_of(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
     assert time.monotonic() - start < 10
