@@ -304,8 +304,8 @@ def test_extract_from_a_run_directory_uses_its_data(
         "--out", out, capsys=capsys,
     )  # fmt: skip
     assert (code, err) == (0, "")
-    with np.load(out) as feats:
-        assert feats["sparse_conv2"].shape == (1797, 32)
+    with np.load(out) as feats:  # the run's data.limit=64 samples
+        assert feats["sparse_conv2"].shape == (64, 32)
     code, _, err = run_cli(
         "extract", trained / "base.keras", "--taps", "pool", "--out", out,
         capsys=capsys,
@@ -395,7 +395,7 @@ def test_readme_commands_run_in_the_order_written(
     history = yaml.safe_load(variant.read_text())
     assert history["epoch"] == [0, 1, 2, 3, 4]
     with np.load(tmp_path / "feats.npz") as feats:
-        assert feats["conv2"].shape == (1797, 32)  # all of the data
+        assert feats["conv2"].shape == (128, 32)  # the run's data.limit
     assert (tmp_path / "runs" / "digits" / "history.png").is_file()  # plot
 
 

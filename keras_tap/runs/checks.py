@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import math
 import os
+import re
 from pathlib import Path
 
 import keras
@@ -23,6 +24,7 @@ from keras_tap.runs.keypaths import (
     message_of,
     show,
 )
+from keras_tap.training.arguments import same_form
 
 KERAS_FORM = ("class_name", "config", "module", "registered_name")
 
@@ -230,19 +232,17 @@ def resolve(kind, value, where):
         modules = [KERAS_MODULES.get(kind)]
         modules.append({"loss": losses, "regularizer": regularizers}.get(kind))
         modules.append(schedules if kind == "schedule" else None)
-        names = {n for m in modules if m for n in dir(m) if n[:1].isalpha()}
         if isinstance(name, str) and isinstance(config, dict):
             cls = next(
                 (getattr(m, name) for m in modules if m and hasattr(m, name)),
                 None,
             ) or keras.saving.get_registered_object(name)
-            _check_arguments(cls, config, f"{where}.config")
-        if kind == "optimizer" and isinstance(value, str):
-            names = {n.lower() for n in names if n[:1].isupper()}
+            check_arguments(cls, config, f"{where}.config")
+        names = known_names(kind, [m for m in modules if m])
         if name not in names and (
             kind in ("optimizer", "metric") or isinstance(value, dict)
         ):
-            message = f"unknown {kind} {name!r}{hint(name, sorted(names))}"
+            message = f"unknown {kind} {name!r}{name_hint(name, names)}"
         raise ConfigError(where, message) from None
     if result is None:
         raise expected(where, f"a {kind}", value)
@@ -258,12 +258,54 @@ def json_copy(value):
     return value
 
 
-def _check_arguments(cls, config, where):
+# Keras's own short names of metrics (`keras.metrics.get("mae")`).
+_METRIC_ALIASES = ("bce", "mse", "mae", "mape", "msle")
+# Functions of the Keras modules that name no object.
+_NOT_NAMES = ("get", "serialize", "deserialize")
+
+
+def known_names(kind, modules):
+    """The names of a `kind` of Keras object that `modules` define, as a
+    config may write them: the public names, and also the snake-case form
+    of a metric class (`"sparse_categorical_accuracy"`; not the functions
+    of `keras.metrics`, which `keras.metrics.get` does not take) and the
+    lower-case form of an optimizer class (`"rmsprop"`)."""
+    names = set()
+    for module in modules:
+        for n in dir(module):
+            obj = getattr(module, n)
+            if n[:1].isalpha() and callable(obj) and n not in _NOT_NAMES:
+                names.add(n)
+    classes = [n for n in names if n[:1].isupper()]
+    if kind == "metric":
+        names = set(classes) | {_snake_case(n) for n in classes}
+        names |= set(_METRIC_ALIASES) | {a.upper() for a in _METRIC_ALIASES}
+    if kind == "optimizer":
+        names |= {n.lower() for n in classes}
+    return names
+
+
+def name_hint(name, names):
+    """`hint` for a near miss of `names`, in the form `name` is written
+    (`"acurracy"` -> `"accuracy"`, `"Acurracy"` -> `"Accuracy"`)."""
+    return hint(name, sorted(same_form(name, names)))
+
+
+def _snake_case(name):
+    """A class name as Keras writes it in snake case (`F1Score` ->
+    `f1_score`), the form `keras.metrics.get` takes."""
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def check_arguments(cls, config, where, extra=()):
     """Raises at `where.<key>` for a `config` key that no `__init__` of
-    `cls` (or its base classes) takes, naming the closest argument."""
+    `cls` (or its base classes) takes, nor `extra`, naming the closest
+    argument. Serves Keras serializations (`{class_name, config}`) of
+    layers, losses, optimizers, schedules..."""
     if not isinstance(cls, type):
         return
-    known = set()
+    known = set(extra)
     for base in cls.__mro__[:-1]:
         try:
             parameters = inspect.signature(base.__init__).parameters
@@ -280,7 +322,8 @@ def _check_arguments(cls, config, where):
             close = hint(key, sorted(known))
             if not close and 0 < len(known) <= 12:
                 close = f" (expected one of {', '.join(sorted(known))})"
-            raise ConfigError(key_path(key, prefix=where), message + close)
+            at = key_path(key, prefix=where)
+            raise ConfigError(at, message + close) from None
 
 
 def with_module(value, module):

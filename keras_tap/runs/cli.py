@@ -5,10 +5,11 @@ keras-tap train CONFIG [--set KEY.PATH=VALUE ...] [--resume | --overwrite]
 keras-tap validate CONFIG [--set KEY.PATH=VALUE ...]
 keras-tap layers MODEL_OR_CONFIG
 keras-tap extract MODEL_OR_CONFIG --taps TAP[,TAP...] --out FEATS.npz
-                  [--data DATA] [--reduce mean|max]
+                  [--data DATA | --split all|train|validation]
+                  [--reduce mean|max]
 keras-tap plot RUN_DIR [--out DIR]
 keras-tap plot --features MODEL_OR_CONFIG --taps TAP[,TAP...] --out DIR
-               [--data DATA] [--sample N]
+               [--data DATA | --split all|train|validation] [--sample N]
 keras-tap --help | --version
 ```
 
@@ -313,6 +314,8 @@ def parser_of_commands():
         "write the activations of taps to an .npz file",
         "  keras-tap extract runs/digits --taps conv2 --reduce mean "
         "--out feats.npz\n"
+        "  keras-tap extract runs/digits --split validation --taps gap "
+        "--out held_out.npz\n"
         "  keras-tap extract model.keras --data x.npy --taps conv1,conv2 "
         "--out feats.npz\n",
     )
@@ -430,8 +433,18 @@ def _data_options(sub):
     sub.add_argument(
         "--data",
         help="a dataset name (sklearn_digits, mnist, ...), an .npz or .npy "
-        "file or an image directory (default: the data of the config, or "
-        "of the run directory's config)",
+        "file or an image directory, read whole (default: the data section "
+        "of the config, or of the run directory's config, with its limit, "
+        "seed and rescale: the samples training used, see --split)",
+    )
+    sub.add_argument(
+        "--split",
+        choices=("all", "train", "validation"),
+        metavar="SPLIT",
+        help="which of the config's samples to read without --data: all "
+        "(the training and held-out samples, in source order), train, or "
+        "validation (the held-out share, data.validation_split) (default: "
+        "all)",
     )
     sub.add_argument(
         "--x-key",

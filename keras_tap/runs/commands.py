@@ -285,12 +285,22 @@ def _gradcam_images(args, model):
             )
             arrays.append(keras.utils.img_to_array(image)[None])
             names.append(path.stem)
-            continue
-        x = data.inputs(
-            spec, x_key=args.x_key, image_size=list(size) if size else None
+        else:
+            x = data.inputs(
+                spec, x_key=args.x_key, image_size=list(size) if size else None
+            )
+            arrays.append(np.asarray(x, "float32"))
+            names.extend(f"{path.stem}_{i}" for i in range(len(x)))
+        given = arrays[-1].shape[1:]
+        fits = len(given) == 3 and all(
+            want is None or want == got for want, got in zip(shape[1:], given)
         )
-        arrays.append(np.asarray(x, "float32"))
-        names.extend(f"{path.stem}_{i}" for i in range(len(x)))
+        if not fits:
+            raise ConfigError(
+                "--images",
+                f"{spec!r} holds images of shape {_shape_text(given)}, but "
+                f"the model expects images of shape {_shape_text(shape[1:])}",
+            )
     try:
         images = np.concatenate(arrays, axis=0).astype("float32")
     except ValueError as error:
@@ -353,11 +363,23 @@ def _load_model(spec, *, base_only=False):
 
 
 def _model_and_inputs(args):
-    """The `TapModel` to extract from and the input array."""
+    """The `TapModel` to extract from and the input array.
+
+    `--data` is read whole. Without it, a config (or a run directory's
+    config) gives the samples its `data` section describes, as training
+    read them (`limit`, the seed of the split and `rescale` applied), in
+    source order: with `--split all` (the default) the training and
+    held-out samples together, with `train` or `validation` one split.
+    """
     import keras_tap as kt
     from keras_tap.runs import data
     from keras_tap.runs import rundir as runs
 
+    split = getattr(args, "split", None)
+    if args.data is not None and split is not None:
+        raise ConfigError(
+            "--split", "selects the config's samples; --data is read whole"
+        )
     model = _load_model(args.model)
     source = Path(args.model)
     if source.is_dir() and (source / runs.CONFIG).is_file():
@@ -365,7 +387,8 @@ def _model_and_inputs(args):
     if args.data is not None:
         x = data.inputs(args.data, x_key=args.x_key)
     elif source.suffix in CONFIG_SUFFIXES:
-        x = data.read_arrays(config_lib.load(source).data).x
+        cfg = config_lib.load(source)
+        x = data.samples(cfg.data, cfg.run.seed, split or "all").x
     else:
         raise ConfigError("--data", "a model file needs --data")
     if not isinstance(model, kt.TapModel):

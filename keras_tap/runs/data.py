@@ -168,8 +168,15 @@ def load(data_config, seed=0):
             arrays of different lengths, named by key path.
         ImportError: `sklearn_digits` without scikit-learn.
     """
+    arrays, (train_index, val_index) = _read_split(data_config, seed)
+    train = arrays.take(train_index)
+    validation = arrays.take(val_index) if len(val_index) else None
+    return train, validation
+
+
+def _read_split(data_config, seed):
+    """All samples (rescaled, lengths checked) and `split_indices`."""
     cfg = data_config
-    seed = seed if cfg.seed is None else cfg.seed
     arrays = read_arrays(cfg)
     if cfg.rescale is not None:
         arrays.x = arrays.x * np.float32(cfg.rescale)
@@ -181,6 +188,16 @@ def load(data_config, seed=0):
         if len(target) != n:
             message = f"has {len(target)} samples, but x has {n}"
             raise ConfigError(key_path("data", "targets", tap), message)
+    return arrays, split_indices(n, cfg, seed)
+
+
+def split_indices(n, data_config, seed=0):
+    """`(train, validation)`: the sorted indices of the samples `load`
+    puts in each split, of `n` samples (`data_config.seed` wins over
+    `seed`). The validation indices are empty when `validation_split`
+    is 0."""
+    cfg = data_config
+    seed = seed if cfg.seed is None else cfg.seed
     order = np.random.default_rng([seed, 2**31 - 1]).permutation(n)
     if cfg.limit is not None:
         order = order[: cfg.limit]
@@ -189,9 +206,46 @@ def load(data_config, seed=0):
         n_val = min(max(n_val, 1), len(order) - 1)
     if len(order) - n_val < 1:
         raise ConfigError("data", f"too few samples to train on: {n}")
-    train = arrays.take(np.sort(order[n_val:]))
-    validation = arrays.take(np.sort(order[:n_val])) if n_val else None
-    return train, validation
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+SPLITS = ("all", "train", "validation")
+
+
+def samples(data_config, seed=0, split="all"):
+    """The samples of a config's data that `keras-tap extract` and
+    `plot --features` read: the ones `load` returns, in source order.
+
+    Args:
+        data_config: a `DataConfig`.
+        seed: used when `data_config.seed` is `None` (the run's seed).
+        split: `"all"` (the training and held-out samples together: every
+            sample training uses, `limit` applied), `"train"` or
+            `"validation"` (the held-out split).
+
+    Returns:
+        `Arrays`.
+
+    Raises:
+        ConfigError: an unknown split (named `--split`), no held-out
+            split to read, or what `load` raises.
+    """
+    if split not in SPLITS:
+        hint = keypaths.hint(split, SPLITS)
+        message = f"expected one of {', '.join(SPLITS)}, got {split!r}{hint}"
+        raise ConfigError("--split", message)
+    arrays, (train_index, val_index) = _read_split(data_config, seed)
+    if split == "train":
+        return arrays.take(train_index)
+    if split == "validation":
+        if not len(val_index):
+            raise ConfigError(
+                "--split",
+                "the config holds no samples out (data.validation_split is "
+                "0): use --split train or all",
+            )
+        return arrays.take(val_index)
+    return arrays.take(np.sort(np.concatenate([train_index, val_index])))
 
 
 def read_arrays(cfg):

@@ -40,6 +40,7 @@ class ConfigError(ValueError):
     """
 
     def __init__(self, path, message):
+        message = plain(message)  # e.g. a Keras error's ANSI bold
         self.path = path
         self.message = message
         super().__init__(f"{path}: {message}" if path else message)
@@ -165,10 +166,26 @@ def show(value):
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+# An ANSI escape sequence (CSI, e.g. Keras's bold `\x1b[1m`), or a lone ESC.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b")
+
+
+def plain(text):
+    """`text` without ANSI escape codes (colours, bold)."""
+    return _ANSI.sub("", str(text))
+
+
 def message_of(error):
-    """One line of an exception's message, without Keras's config dumps."""
-    message = " ".join(str(error).split())
-    for marker in (" Full object config:", " config={", " Received: config="):
+    """One line of an exception's message, without Keras's config dumps,
+    argument listings and ANSI escape codes."""
+    message = " ".join(plain(error).split())
+    markers = (
+        " Full object config:",
+        " config={",
+        " Received: config=",
+        " Arguments received by ",
+    )
+    for marker in markers:
         message = message.split(marker)[0]
     if len(message) > 400:
         message = message[:397] + "..."

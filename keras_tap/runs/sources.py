@@ -31,9 +31,12 @@ import keras
 
 from keras_tap.runs.checks import (
     KERAS_FORM,
+    check_arguments,
     check_keys,
     expected,
+    known_names,
     mapping,
+    name_hint,
     path,
     with_module,
 )
@@ -305,6 +308,10 @@ def deserialize_layer(value, where, *, model=False):
     return result
 
 
+# What `keras.layers.Layer` takes through `**kwargs`.
+_LAYER_KWARGS = ("input_shape", "input_dim", "batch_size")
+
+
 def _raise_layer_error(class_name, config, where, error):
     """Names what made a layer's deserialization fail: an unknown class,
     an unknown argument, or else Keras's own message."""
@@ -315,14 +322,15 @@ def _raise_layer_error(class_name, config, where, error):
         message = f"unknown layer class {class_name!r}{hint(class_name, known)}"
         raise ConfigError(f"{where}.class_name", message) from None
     cls = getattr(keras.layers, class_name, None)
-    if isinstance(cls, type):
-        known = set(inspect.signature(cls).parameters)
-        known |= set(inspect.signature(keras.layers.Layer.__init__).parameters)
-        known |= {"input_shape", "input_dim", "batch_size", "dtype"}
-        for key in config:
-            if key not in known:
-                message = f"unknown argument of {class_name}"
-                message += hint(key, sorted(known))
-                where = key_path(key, prefix=f"{where}.config")
-                raise ConfigError(where, message) from None
+    check_arguments(cls, config, f"{where}.config", _LAYER_KWARGS)
+    for key, value in config.items():
+        if str(key).endswith("activation") and isinstance(value, str):
+            try:
+                keras.activations.get(value)
+            except Exception:
+                names = known_names("activation", [keras.activations])
+                message = f"unknown activation {value!r}"
+                message += name_hint(value, names)
+                at = key_path(key, prefix=f"{where}.config")
+                raise ConfigError(at, message) from None
     raise ConfigError(f"{where}.config", message_of(error)) from None

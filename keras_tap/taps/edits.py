@@ -34,6 +34,24 @@ def _fits(edit, what, value, activation):
     return value
 
 
+def _masked(edit, edited, activation):
+    """`edited` where `edit.where` is true and `activation` elsewhere
+    (`edited` alone without a mask), raising `_ShapeError` for a mask that
+    does not broadcast to the activation."""
+    if edit.where is None:
+        return edited
+    mask = ops.cast(ops.convert_to_tensor(edit.where), "bool")
+    _fits(edit, "where mask", mask, activation)
+    return ops.where(mask, edited, activation)
+
+
+def _repr(edit, *args):
+    """`Name(args..., where=<mask>)`, the mask only when there is one."""
+    if edit.where is not None:
+        args = (*args, "where=<mask>")
+    return f"{type(edit).__name__}({', '.join(args)})"
+
+
 class Edit:
     """Base class of the `kt.edits`: `edit(activation) -> activation`."""
 
@@ -47,6 +65,10 @@ class Edit:
 class Zero(Edit):
     """Replaces the activation by zeros (ablation).
 
+    Args:
+        where: an optional boolean mask, broadcast to the activation: zero
+            only where it is true (some heads or positions, say).
+
     Example:
 
     >>> import keras, numpy as np, keras_tap as kt
@@ -55,10 +77,20 @@ class Zero(Edit):
     >>> with kt.edit(model, {"d": kt.edits.Zero()}):
     ...     float(keras.ops.sum(model(np.ones((1, 2)))))
     0.0
+    >>> mask = np.array([True, False])  # the first unit only
+    >>> with kt.edit(model, {"d": kt.edits.Zero(where=mask)}):
+    ...     float(keras.ops.convert_to_numpy(model(np.ones((1, 2))))[0, 0])
+    0.0
     """
 
+    def __init__(self, where=None):
+        self.where = where
+
     def __call__(self, activation):
-        return ops.zeros_like(activation)
+        return _masked(self, ops.zeros_like(activation), activation)
+
+    def __repr__(self):
+        return _repr(self)
 
 
 class Scale(Edit):
@@ -66,20 +98,25 @@ class Scale(Edit):
 
     Args:
         factor: a number (or a tensor broadcast to the activation).
+        where: an optional boolean mask, broadcast to the activation:
+            scale only where it is true.
     """
 
-    def __init__(self, factor):
+    def __init__(self, factor, where=None):
         self.factor = factor
+        self.where = where
 
     def __call__(self, activation):
         factor = _fits(self, "factor", _as(self.factor, activation),
                        activation)
-        return activation * factor
+        return _masked(self, activation * factor, activation)
 
     def __repr__(self):
         if np.ndim(self.factor):  # An array: its shape, not its values.
-            return f"Scale(<factor of shape {np.shape(self.factor)}>)"
-        return f"Scale({self.factor!r})"
+            factor = f"<factor of shape {np.shape(self.factor)}>"
+        else:
+            factor = repr(self.factor)
+        return _repr(self, factor)
 
 
 class Add(Edit):
@@ -89,19 +126,23 @@ class Add(Edit):
         vector: an array broadcast over the activation (a `(channels,)`
             vector is added at every batch element and position).
         scale: a number multiplying `vector`.
+        where: an optional boolean mask, broadcast to the activation: add
+            only where it is true.
     """
 
-    def __init__(self, vector, scale=1.0):
+    def __init__(self, vector, scale=1.0, where=None):
         self.vector = vector
         self.scale = scale
+        self.where = where
 
     def __call__(self, activation):
         vector = _fits(self, "vector", _as(self.vector, activation),
                        activation)
-        return activation + vector * _as(self.scale, activation)
+        added = activation + vector * _as(self.scale, activation)
+        return _masked(self, added, activation)
 
     def __repr__(self):
-        return f"Add(<vector>, scale={self.scale!r})"
+        return _repr(self, "<vector>", f"scale={self.scale!r}")
 
 
 class Replace(Edit):
@@ -138,15 +179,10 @@ class Replace(Edit):
                 "a batch of the same size."
             )
         _fits(self, "value", value, activation)
-        if self.where is None:
-            return value
-        mask = ops.cast(ops.convert_to_tensor(self.where), "bool")
-        _fits(self, "where mask", mask, activation)
-        return ops.where(mask, value, activation)
+        return _masked(self, value, activation)
 
     def __repr__(self):
-        where = "" if self.where is None else ", where=<mask>"
-        return f"Replace(<value>{where})"
+        return _repr(self, "<value>")
 
 
 class Clamp(Edit):

@@ -38,6 +38,16 @@ def as_float32(x, owner, min_rank):
     return x
 
 
+def same_form(name, candidates):
+    """The `candidates` written as `name` is, to suggest for a near miss:
+    the lower-case ones (`"accuracy"`, `"feature_mse"`) for a lower-case
+    `name`, the others (class names, `"MSE"`) else; all of them if none
+    is written that way."""
+    lower = str(name) == str(name).lower()
+    chosen = [c for c in candidates if (c == c.lower()) == lower]
+    return chosen or list(candidates)
+
+
 def from_name(identifier, by_name, aliases):
     """The class named `identifier` (a class name, or a snake-case alias
     in any case), or `None`."""

@@ -182,7 +182,15 @@ class GramMatrix(_FeatureLoss):
 
     ```
     loss_b = mean_{i, j} (G_s - G_t)_{ij}^2      # over the C x C entries
+           = sum_{i, j} (F_s^T F_s - F_t^T F_t)_{ij}^2 / (N^2 C^4)
     ```
+
+    keras-io's neural style transfer `style_loss` divides the same summed
+    squared difference of unnormalised Gram matrices by
+    `4 * channels^2 * size^2`; with `channels = C` and `size = N` it is
+    this loss times `C^2 / 4`. (That example fixes `channels = 3` and
+    `size` to the image's pixel count at every layer: its value is this
+    loss times `C^4 N^2 / (36 size^2)`.)
 
     Args:
         name: Optional name for the loss instance.

@@ -23,7 +23,7 @@ import keras
 from keras import ops
 
 from keras_tap.training import feature_losses
-from keras_tap.training.arguments import from_string
+from keras_tap.training.arguments import from_string, same_form
 from keras_tap.training.feature_losses import (
     NST,
     AttentionTransfer,
@@ -65,6 +65,7 @@ def _resolve_keras_function(identifier):
         obj = None
     if obj is None:
         valid = sorted(_BY_NAME) + _keras_names()
+        valid = same_form(identifier, valid)
         close = difflib.get_close_matches(identifier, valid, n=3, cutoff=0.5)
         hint = f" Did you mean {close}?" if close else ""
         raise ValueError(

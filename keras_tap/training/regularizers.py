@@ -20,7 +20,12 @@ import difflib
 import keras
 from keras import ops
 
-from keras_tap.training.arguments import as_float32, check_number, from_string
+from keras_tap.training.arguments import (
+    as_float32,
+    check_number,
+    from_string,
+    same_form,
+)
 from keras_tap.training.moments import (
     centred,
     check_cross_replica,
@@ -422,6 +427,7 @@ def _from_string(identifier):
     if identifier in keras_classes:
         return keras_classes[identifier]()
     valid = sorted(_BY_NAME) + sorted(keras_classes)
+    valid = same_form(identifier, valid)
     close = difflib.get_close_matches(identifier, valid, n=3, cutoff=0.5)
     hint = f" Did you mean {close}?" if close else ""
     raise ValueError(

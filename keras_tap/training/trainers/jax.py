@@ -22,23 +22,16 @@ from keras import ops
 
 from keras_tap.training import step as step_lib
 from keras_tap.training.step import LossTerms, TapOutput, TapTerms
-from keras_tap.training.trainers.portable import (  # noqa: F401
-    SHAPE_ERRORS,
-    call_rank,
-    guard_finite,
-    loss_accepts,
-    no_gradient,
-    nonfinite_error,
-    nonfinite_message,
-    num_replicas,
-    replica_sum,
-    scale_for_replicas,
-    unscale_for_replicas,
-    with_class_weight,
-)
+from keras_tap.training.trainers import portable
 
 # The step skips a non-finite update; `fit` stops from the logs.
 STOPS_FROM_LOGS = True
+
+
+def __getattr__(name):
+    """The rest of the trainer interface (`trainers.get().<name>`):
+    `portable`'s."""
+    return getattr(portable, name)
 
 
 def _mapping(variables, values):

@@ -13,19 +13,14 @@ import math
 import keras
 import torch
 
-from keras_tap.training.trainers.portable import (  # noqa: F401
-    SHAPE_ERRORS,
-    call_rank,
-    guard_finite,
-    loss_accepts,
-    nonfinite_error,
-    nonfinite_message,
-    num_replicas,
-    replica_sum,
-    scale_for_replicas,
-    unscale_for_replicas,
-    with_class_weight,
-)
+from keras_tap.training.trainers import portable
+from keras_tap.training.trainers.portable import nonfinite_message
+
+
+def __getattr__(name):
+    """The rest of the trainer interface (`trainers.get().<name>`):
+    `portable`'s."""
+    return getattr(portable, name)
 
 
 def no_gradient():
