@@ -120,13 +120,23 @@ def _batches(data, batch_size):
         ):  # tf.data gives tf tensors: NumPy for JAX and PyTorch
             data = data.as_numpy_iterator()
         return (_only_x(e, unpack) for e in data), count
+    if _is_batch_iterable(data):
+        # A generator, an iterator or a torch DataLoader, read as Keras's
+        # `predict` reads them: a tuple or list batch is `(x, y[, w])`.
+        try:
+            count = len(data)
+        except TypeError:
+            count = None
+        return (_torch_to_numpy(unpack(e)[0]) for e in data), count
     leaves = keras.tree.flatten(data)
     if not leaves or not all(hasattr(v, "shape") for v in leaves):
         raise TypeError(
             "`data` must be a NumPy array (or a structure of them), a "
-            "tf.data.Dataset or a keras.utils.PyDataset; received "
-            f"{type(data).__name__}."
+            "tf.data.Dataset, a keras.utils.PyDataset, a generator or a "
+            f"torch DataLoader; received {type(data).__name__}."
         )
+    if batch_size is None:  # as in Keras's `predict`
+        batch_size = 32
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(
             f"`batch_size` must be a positive int; received {batch_size!r}."
@@ -140,6 +150,30 @@ def _batches(data, batch_size):
             yield keras.tree.map_structure(lambda v: v[start:stop], data)
 
     return gen(), count
+
+
+def _is_batch_iterable(data):
+    """A source of batches that is not an array structure: a generator,
+    an iterator or a torch `DataLoader`."""
+    if isinstance(data, (list, tuple, dict)) or hasattr(data, "shape"):
+        return False
+    return hasattr(data, "__next__") or (
+        type(data).__module__.startswith("torch")
+        and hasattr(data, "__iter__")
+    )
+
+
+def _torch_to_numpy(x):
+    """Torch tensors of a batch as NumPy, except on the torch backend."""
+    if keras.backend.backend() == "torch":
+        return x
+
+    def convert(v):
+        if type(v).__module__.startswith("torch") and hasattr(v, "numpy"):
+            return v.detach().cpu().numpy()
+        return v
+
+    return keras.tree.map_structure(convert, x)
 
 
 def _is_dataset(data):

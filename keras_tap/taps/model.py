@@ -243,11 +243,13 @@ class TapModel(StatisticsMixin, Trainer, keras.Model):
 
         Args:
             data: a NumPy array (or a structure of them), a `tf.data.Dataset`
-                of batches or a `keras.utils.PyDataset`; a `y` in the data is
-                ignored.
+                of batches, a `keras.utils.PyDataset`, or a generator or torch
+                `DataLoader` of batches (a tuple or list batch is read as
+                `(x, y[, sample_weight])`, as Keras's `predict` reads it); a
+                `y` in the data is ignored.
+            batch_size: batch size for NumPy data (`None`: 32).
             taps: names of this model's taps or further layer paths
                 (default: all taps).
-            batch_size: batch size for NumPy data.
             reduce: `None`, `"mean"` or `"max"` (pool every axis except the
                 batch and channel axes, inside the graph), or a callable
                 applied to each batched tensor.

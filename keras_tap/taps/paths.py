@@ -140,6 +140,33 @@ class LayerIndex:
             "Call `kt.list_layers(model)` to see every layer path."
         )
 
+    def _fused_softmax_hint(self, path):
+        """Why the softmax of an attention layer that fuses attention never
+        runs (keras-hub's Llama, Mistral, Qwen, Phi-3, GPT-NeoX on JAX and
+        PyTorch: decided by a module function, not per layer); `""` for
+        any other layer."""
+        from keras_tap.taps import sublayers
+
+        if graph.SEPARATOR not in path:
+            return ""
+        parent = path.rsplit(graph.SEPARATOR, 1)[0]
+        try:
+            _, layer = sublayers.find(self.model, path)
+            _, owner = sublayers.find(self.model, parent)
+        except ValueError:
+            return ""
+        if not (isinstance(layer, keras.layers.Softmax)
+                and callable(getattr(owner, "_compute_attention", None))):
+            return ""
+        return (
+            f": '{parent}' ({type(owner).__name__}) computes attention with "
+            f"a fused op on the {keras.backend.backend()} backend, so its "
+            "attention probabilities exist nowhere (keras-hub decides this "
+            "per backend, not per layer; they are reachable on TensorFlow). "
+            "Tap the query and key it feeds to attention (after the rotary "
+            "embedding: its calls @0 and @1) to compute them"
+        )
+
     def stable_address(self, point):
         """`address(point)` with Keras's generated `_N` suffix left out of
         each segment where the rest names one sibling (`"mha/softmax"` for
@@ -284,6 +311,7 @@ class LayerIndex:
         if not calls:
             raise self._error(
                 spec, "this layer is never called when the model runs"
+                + self._fused_softmax_hint(path)
             )
         if index is None:
             if len(calls) > 1:

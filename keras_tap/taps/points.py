@@ -85,6 +85,14 @@ class Point:
                     f"Tap {written!r}: the inputs of '{self.path}' are not "
                     "known (it never ran in the traced call)."
                 )
+            if not self.args:
+                raise ValueError(
+                    f"Tap {written!r}: '{self.path}' is called with keyword "
+                    "arguments only (no positional input), so ':input' "
+                    "cannot reach its inputs. Tap the layer that computes "
+                    "the input instead (`kt.list_layers(model)` lists the "
+                    "points before it)."
+                )
             if not isinstance(key, int) or key >= len(self.args):
                 raise ValueError(
                     f"Tap {written!r}: '{self.path}' is called with "

@@ -57,17 +57,24 @@ def _evaluation_step(model, metrics_values):
     raise AssertionError("the evaluation step is not in the test state")
 
 
-def _forward(model, state, x, y, sample_weight, training, step=None):
+def _forward(model, state, x, y, sample_weight, training, step=None,
+             metrics_values=None):
     """The loss of one step, with what the rest of the step needs.
 
+    `metrics_values` are mapped too: Keras's compiled loss of a model
+    with several outputs updates a loss metric per output (`o1_loss`)
+    while it computes the loss.
+
     Returns:
-        `(scaled_loss, (losses, outputs, y_pred, non_trainable))`, a
-        JAX-friendly structure: the tap terms as a plain dict, and each
-        tap's `(target, output, sample_weight)`.
+        `(scaled_loss, (losses, outputs, y_pred, non_trainable,
+        metrics_values))`, a JAX-friendly structure: the tap terms as a
+        plain dict, and each tap's `(target, output, sample_weight)`.
     """
     trainable, non_trainable, optimizer_values = state
     mapping = _mapping(model.trainable_variables, trainable)
     mapping += _mapping(model.non_trainable_variables, non_trainable)
+    if metrics_values is not None:
+        mapping += _mapping(model.metrics_variables, metrics_values)
     if model.optimizer is not None and optimizer_values is not None:
         mapping += _mapping(model.optimizer.variables, optimizer_values)
     if model.optimizer is not None and step is not None:
@@ -86,10 +93,14 @@ def _forward(model, state, x, y, sample_weight, training, step=None):
     non_trainable = _current(
         scope, model.non_trainable_variables, non_trainable
     )
+    if metrics_values is not None:
+        metrics_values = _current(
+            scope, model.metrics_variables, metrics_values
+        )
     outputs = getattr(losses.tap_terms, "outputs", {})
     outputs = {n: tuple(o[:3]) for n, o in outputs.items()}
     losses = losses._replace(tap_terms=dict(losses.tap_terms))
-    return loss, (losses, outputs, y_pred, non_trainable)
+    return loss, (losses, outputs, y_pred, non_trainable, metrics_values)
 
 
 def _losses(losses, outputs):
@@ -158,10 +169,11 @@ def train_step(model, state, data):
             y,
             sample_weight,
             training=True,
+            metrics_values=metrics_values,
         )
 
     (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    losses, outputs, y_pred, non_trainable = aux
+    losses, outputs, y_pred, non_trainable, metrics_values = aux
     losses = _losses(losses, outputs)
     if trainable:
         new_trainable, new_optimizer = model.optimizer.stateless_apply(
@@ -205,8 +217,9 @@ def test_step(model, state, data):
         sample_weight,
         training=False,
         step=_evaluation_step(model, metrics_values),
+        metrics_values=metrics_values,
     )
-    losses, outputs, y_pred, non_trainable = aux
+    losses, outputs, y_pred, non_trainable, metrics_values = aux
     logs, metrics_values = _metrics(
         model,
         (trainable, non_trainable, None),
