@@ -400,15 +400,20 @@ def test_class_weight_with_tf_data(data):
     )
 
 
-def test_class_weight_with_pydataset_names_the_type(data):
+def test_class_weight_with_pydataset(data):
     x, y, t, _ = data
-    tap_model = _tap_model(_mlp())
-    with pytest.raises(ValueError, match="class_weight.*Batches"):
-        tap_model.fit(
-            Batches((x, {"predictions": y, "hid": t})),
-            class_weight=CLASS_WEIGHT,
-            verbose=0,
-        )
+    model = _mlp()
+    tap_model = _tap_model(model)
+    cw = np.array([CLASS_WEIGHT[int(c)] for c in y], "float32")
+    history = tap_model.fit(
+        Batches((x, {"predictions": y, "hid": t})),
+        class_weight=CLASS_WEIGHT,
+        verbose=0,
+    ).history
+    _check(
+        {k: v[0] for k, v in history.items()},
+        _reference(model, x, y, t, cw, np.ones(N), 4),
+    )
 
 
 # -- integer tokens ----------------------------------------------------------

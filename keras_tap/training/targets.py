@@ -87,15 +87,33 @@ class TargetsMixin:
                 "`class_weight` must be a non-empty dict {class_index: "
                 f"weight}}; received {class_weight!r}."
             )
-        sample_weight = kwargs.pop("sample_weight", None)
         if y is None:
+            # A dataset, PyDataset, generator or DataLoader: its batches
+            # are mapped (Keras refuses a `sample_weight` beside it).
             dataset_fn = trainers.get().with_class_weight
             return dataset_fn(self, x, class_weight), None, kwargs
+        sample_weight = kwargs.pop("sample_weight", None)
+        new_y, kwargs["sample_weight"] = self.class_weighted(
+            y, sample_weight, class_weight
+        )
+        return x, new_y, kwargs
+
+    def class_weighted(self, y, sample_weight, class_weight):
+        """`(y, sample_weight)` -> `(dict y, dict sample_weight)` with the
+        class weights in the prediction weight (times the given one), in
+        NumPy; the arrays of `fit` and each batch of a PyDataset, generator
+        or DataLoader go through here.
+
+        Raises:
+            ValueError: if y has no prediction target, or a class of it has
+                no weight in `class_weight`.
+        """
         pred_y, tap_y = self.split_targets(y)
         if pred_y is None:
+            got = f"keys: {sorted(y)}" if isinstance(y, dict) else "no y"
             raise ValueError(
                 "`class_weight` applies to the predictions, but y has no "
-                f"'predictions' key (keys: {sorted(y)})."
+                f"'predictions' key ({got})."
             )
         pred_w, tap_w = self.split_weights(sample_weight, y)
         weights = class_weights_for(np.asarray(pred_y), class_weight)
@@ -109,8 +127,18 @@ class TargetsMixin:
                 new_y[name] = np.zeros_like(weights)
             given = tap_w.get(name, pred_w)
             new_w[name] = ones if given is None else np.asarray(given)
-        kwargs["sample_weight"] = new_w
-        return x, new_y, kwargs
+        return new_y, new_w
+
+    def target_keys(self):
+        """What `class_weighted` reads of this model, as a small picklable
+        object with the same methods (for PyDataset worker processes)."""
+        return TargetKeys(
+            tuple(self.tap_names),
+            {
+                name: TapTargetKind(tap.teacher is not None, tap.target)
+                for name, tap in self.taps.items()
+            },
+        )
 
     def tap_weight_keys(self, tap_targets):
         """Keys of the sample-weight dict that `class_weight` builds: the
@@ -121,6 +149,23 @@ class TargetsMixin:
             if elsewhere and name not in keys:
                 keys.append(name)
         return keys
+
+
+class TapTargetKind:
+    """The two fields of a `Tap` that `tap_weight_keys` reads."""
+
+    def __init__(self, has_teacher, target):
+        self.teacher = True if has_teacher else None
+        self.target = target if isinstance(target, str) else None
+
+
+class TargetKeys(TargetsMixin):
+    """A model's tap names and tap target kinds, without the model: the
+    `TargetsMixin` methods run on it unchanged."""
+
+    def __init__(self, tap_names, taps):
+        self.tap_names = tap_names
+        self.taps = taps
 
 
 def class_indices(pred_y):

@@ -10,8 +10,9 @@ scaled for replicas, and a sum over replicas is the value itself.
 import contextlib
 import weakref
 
-import keras
 from keras import ops
+
+from keras_tap.training import class_weight_data
 
 # Errors a loss raises on shapes it cannot compare: JAX and PyTorch raise
 # `TypeError`, `ValueError` or `RuntimeError` (torch's size mismatch).
@@ -108,8 +109,8 @@ def nonfinite_message(detail):
 
 def with_class_weight(tap_model, dataset, class_weight):
     """`class_weight` with `x` a dataset: a `tf.data.Dataset` is mapped as
-    on TensorFlow (TensorFlow must be installed); any other dataset must
-    carry the weights itself."""
+    on TensorFlow (TensorFlow must be installed); a PyDataset, generator,
+    iterator or torch DataLoader has its batches mapped in NumPy."""
     try:
         import tensorflow as tf
     except ImportError:  # pragma: no cover - TensorFlow is installed here
@@ -118,9 +119,6 @@ def with_class_weight(tap_model, dataset, class_weight):
         from keras_tap.training.trainers import tensorflow
 
         return tensorflow.with_class_weight(tap_model, dataset, class_weight)
-    raise ValueError(
-        "`class_weight` needs `y`, or `x` as a tf.data.Dataset of (x, y) "
-        f"batches (on the {keras.backend.backend()} backend too); received "
-        f"x of type {type(dataset).__name__}. Pass the weights as "
-        "`sample_weight` in the dataset instead."
+    return class_weight_data.with_class_weight(
+        tap_model, dataset, class_weight
     )

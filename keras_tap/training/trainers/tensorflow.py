@@ -9,6 +9,7 @@ import weakref
 import keras
 import tensorflow as tf
 
+from keras_tap.training import class_weight_data
 from keras_tap.training import step as step_lib
 from keras_tap.training.trainers.multi_worker import (  # noqa: F401
     make_function,
@@ -266,15 +267,19 @@ def with_class_weight(tap_model, dataset, class_weight):
     """Map a `tf.data.Dataset` of `(x, y[, sample_weight])` so that
     `class_weight` becomes the prediction sample weight (dict form)."""
     if not isinstance(dataset, tf.data.Dataset):
-        raise ValueError(
-            "`class_weight` needs `y`, or `x` as a tf.data.Dataset of "
-            f"(x, y) batches; received x of type {type(dataset).__name__}."
+        return class_weight_data.with_class_weight(
+            tap_model, dataset, class_weight
         )
     size = max(int(k) for k in class_weight) + 1
     table = [0.0] * size
     for key, value in class_weight.items():
         table[int(key)] = float(value)
     table = tf.constant(table, tf.float32)
+    known = [False] * size
+    for key in class_weight:
+        known[int(key)] = True
+    known = tf.constant(known)
+    keys = sorted(int(k) for k in class_weight)
 
     def add_weights(x, y, sample_weight=None):
         pred_y, tap_y = tap_model.split_targets(y)
@@ -284,7 +289,21 @@ def with_class_weight(tap_model, dataset, class_weight):
             indices = tf.argmax(labels, axis=-1)
         else:
             indices = tf.reshape(labels, [tf.shape(labels)[0], -1])[:, 0]
-        weights = tf.gather(table, tf.cast(indices, tf.int32))
+        indices = tf.cast(indices, tf.int32)
+        inside = (indices >= 0) & (indices < size)
+        safe = tf.where(inside, indices, 0)
+        ok = inside & tf.gather(known, safe)
+        # As the arrays path: a class without a weight is an error.
+        check = tf.debugging.Assert(
+            tf.reduce_all(ok),
+            [
+                "`class_weight` has no weight for the classes",
+                tf.unique(tf.boolean_mask(indices, ~ok))[0],
+                f"found in the prediction target; it has keys {keys}.",
+            ],
+        )
+        with tf.control_dependencies([check]):
+            weights = tf.gather(table, safe)
         if pred_w is not None:
             weights = weights * tf.cast(pred_w, tf.float32)
         new_y = {"predictions": pred_y, **tap_y}
