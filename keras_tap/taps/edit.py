@@ -121,6 +121,22 @@ class Spec:
         return _replace_element(value, key, edited)
 
 
+def _edit_keyword(spec, kwargs):
+    """`kwargs` with the keyword argument `spec.key` edited."""
+    if spec.key not in kwargs:
+        raise ValueError(
+            f"kt.edit: {spec.name!r} edits the keyword argument "
+            f"{spec.key!r} of the call, but the layer was called without "
+            f"it (its keyword arguments: {sorted(kwargs)})."
+        )
+    kwargs = dict(kwargs)
+    if spec.structured:
+        kwargs[spec.key] = spec.fn(kwargs[spec.key])
+    else:
+        kwargs[spec.key] = _checked(spec.name, spec.fn, kwargs[spec.key])
+    return kwargs
+
+
 class EditRecording(watch.Recording):
     """The active recording of a `kt.edit` block: changes values."""
 
@@ -130,6 +146,11 @@ class EditRecording(watch.Recording):
         super().__init__(watcher)
         self.specs = specs  # {id(layer): [_Spec, ...]}
         self.roots = roots  # ids of the models whose call starts a run
+        # The layers whose call inputs this changes (`edited_inputs`).
+        self.inputs = frozenset(
+            key for key, found in specs.items()
+            if any(spec.kind == points.INPUT for spec in found)
+        )
 
     def begin_run(self):
         self.counts.clear()
@@ -142,6 +163,9 @@ class EditRecording(watch.Recording):
         self.counts[key] = index + 1
         for spec in self.specs.get(key, ()):
             if spec.kind != points.INPUT or spec.index not in (None, index):
+                continue
+            if isinstance(spec.key, str):
+                kwargs = _edit_keyword(spec, kwargs)
                 continue
             position = spec.key or 0
             if position >= len(args):
@@ -305,7 +329,8 @@ def edit(model, edits):
     compose: an inner edit applies to the value the outer one produced.
     On a point whose output is a tuple (a decoder block's `(hidden,
     cache)` while generating), the bare path edits element 0;
-    `":output[i]"` picks another, `":input"` edits the call's input. When
+    `":output[i]"` picks another, `":input"` edits the call's input
+    (`":input[name]"` its keyword argument `name`). When
     the block closes, the model computes exactly what it did before: the
     compiled functions of the model (and of keras_tap's models over it)
     are discarded when the block opens and when it closes.

@@ -7,7 +7,9 @@ One interface, two ways, chosen by `build`:
   one pass; without the outputs it keeps only the layers the points depend
   on (nothing after the deepest). Points inside layers (a keras-hub
   block's attention) are recorded by a `watch.Watcher` while the graph
-  computes the layer that holds them.
+  computes the layer that holds them. A point on a graph layer's input
+  (`"b:input"`) reads the producer's tensor, except while a `kt.edit`
+  changes that input: then it is recorded inside the call, after the edit.
 - `WatchedForward`: a subclassed model. The model runs as it is while a
   `watch.Watcher` records the points; without the outputs, the run stops
   at the last point.
@@ -18,7 +20,7 @@ One interface, two ways, chosen by `build`:
 
 import keras
 
-from keras_tap.taps import watch
+from keras_tap.taps import graph, watch
 
 
 class Forward:
@@ -101,8 +103,48 @@ class GraphForward(Forward):
                 stop_early=stop_early and not outputs and not self.slots,
             )
         self.model = keras.Model(trace.inputs, flat)
+        # Points on the inputs of a graph layer's call read the producer's
+        # tensor; while a `kt.edit` changes that input, they must be what
+        # the layer received: a variant records them inside the call.
+        self._trace, self._points = trace, list(points)
+        self._stop_early = stop_early
+        self._inside = {
+            i: point.inside_call()
+            for i, point in enumerate(points)
+            if point.inside_call() is not None
+            and not graph.is_graph_model(point.layer)
+        }
+        self._variants = {}
+
+    def _edited(self):
+        """This forward, or the variant that records the points on inputs
+        that an active `kt.edit` changes inside their calls (decided per
+        call: edits discard the compiled functions when they open and
+        close, so a traced function decides again)."""
+        if not self._inside:
+            return self
+        edited = watch.edited_inputs()
+        chosen = tuple(
+            i for i, point in self._inside.items() if id(point.layer) in edited
+        )
+        if not chosen:
+            return self
+        variant = self._variants.get(chosen)
+        if variant is None:
+            variant = GraphForward(
+                self._trace,
+                [self._inside[i] if i in chosen else point
+                 for i, point in enumerate(self._points)],
+                self.names, outputs=self.outputs,
+                stop_early=self._stop_early,
+            )
+            self._variants[chosen] = variant
+        return variant
 
     def __call__(self, inputs, training=None):
+        variant = self._edited()
+        if variant is not self:
+            return variant(inputs, training=training)
         watch.begin_run()
         if self.watcher is None:
             values = self.model(inputs, training=training)

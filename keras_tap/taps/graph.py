@@ -29,6 +29,7 @@ from keras_tap.taps.points import (  # noqa: F401 - part of this API
     Point,
     flatten_elements,
     is_shape,
+    keyword_shapes,
     merge_shapes,
     zeros_like_spec,
 )
@@ -140,11 +141,11 @@ class GraphTrace:
         self.inputs = inputs
         self.outputs = rebuilt
 
-    def _record(self, path, layer, tensor, args):
+    def _record(self, path, layer, tensor, args, kwargs=None):
         calls = self.points.setdefault(path, [])
         calls.append(
             Point(path, len(calls), layer, tensor, shape=_shape_of(tensor),
-                  args=tuple(args))
+                  args=tuple(args), kwargs=dict(kwargs or {}))
         )
 
     def _inline(self, model, inputs, prefix, training):
@@ -228,7 +229,7 @@ class GraphTrace:
             outputs = self._watched_call(layer, path, args, kwargs)
         else:
             outputs = layer(*args, **kwargs)  # an operation: `x + y`.
-        self._record(path, layer, outputs, args)
+        self._record(path, layer, outputs, args, kwargs)
         return outputs
 
     def _watched_call(self, layer, path, args, kwargs):
@@ -285,6 +286,7 @@ class GraphTrace:
                     expose(point.anchor)
                     if not point.watched:
                         expose(point.args)
+                        expose(point.kwargs)
             view = keras.Model(inner.inputs, exposed, name=layer.name)
             self._views[id(layer)] = (view, inner, positions)
         view, inner, positions = self._views[id(layer)]
@@ -320,6 +322,7 @@ class GraphTrace:
                     point.shape,
                     point.args if point.watched else outer(point.args),
                     outer(point.anchor), point.owner,
+                    point.kwargs if point.watched else outer(point.kwargs),
                 )
                 known.append(copy)
         return outer(inner.outputs)
@@ -426,8 +429,9 @@ def trace_calls(model, run=None, inputs=None):
     Returns:
         `({path: [Point, ...]}, run's result)`, the points in the order the
         calls ended (a layer after the layers it holds), then the sublayers
-        that never ran (no calls). `tensor` is `None`; `shape` and `args`
-        (the shapes of the positional arguments) are filled in, and
+        that never ran (no calls). `tensor` is `None`; `shape`, `args`
+        (the shapes of the positional arguments) and `kwargs` (those of
+        the keyword arguments) are filled in, and
         `owner` for the softmax of an attention layer. Attention layers
         compute attention explicitly during the run, so their softmax is
         recorded although Keras fuses attention.
@@ -455,10 +459,11 @@ def trace_calls(model, run=None, inputs=None):
         ]
         result = None
         first, second = recorded[0][0], recorded[1][0]
-        if [k for k, _, _ in first] == [k for k, _, _ in second]:
+        if [c[0] for c in first] == [c[0] for c in second]:
             calls_list = [
-                (k, merge_shapes(s1, s2), merge_shapes(a1, a2))
-                for (k, s1, a1), (_, s2, a2) in zip(first, second)
+                (k, merge_shapes(s1, s2), merge_shapes(a1, a2),
+                 merge_shapes(w1, w2))
+                for (k, s1, a1, w1), (_, s2, a2, w2) in zip(first, second)
             ]
         else:
             calls_list = second
@@ -471,12 +476,12 @@ def trace_calls(model, run=None, inputs=None):
 
         calls_list, result = _record(watcher, run)
     points = {}
-    for key, shape, args in calls_list:
+    for key, shape, args, kwargs in calls_list:
         path = by_id[key]
         calls = points.setdefault(path, Calls(layers[path]))
         calls.append(
             Point(path, len(calls), layers[path], None, shape, args=args,
-                  owner=owners.get(key))
+                  owner=owners.get(key), kwargs=kwargs)
         )
     # Layers that never ran in the traced call are still listed, with no
     # calls, so that paths to them give a precise error.
@@ -486,12 +491,16 @@ def trace_calls(model, run=None, inputs=None):
 
 
 def _record(watcher, run):
-    """`([(layer key, output shape, argument shapes), ...], run())`."""
+    """`([(layer key, output shape, argument shapes, keyword argument
+    shapes), ...], run())`."""
     with watcher.watch() as recording, keras.StatelessScope():
         result = run()
     calls = [
-        (key, _shape_of(output), tuple(_shape_of(a) for a in args))
-        for (key, output), args in zip(recording.calls, recording.arguments)
+        (key, _shape_of(output), tuple(_shape_of(a) for a in args),
+         keyword_shapes(kwargs))
+        for (key, output), args, kwargs in zip(
+            recording.calls, recording.arguments, recording.keywords
+        )
     ]
     return calls, result
 

@@ -11,8 +11,9 @@ a segment may leave out Keras's generated `_N` suffix when the rest names
 exactly one sublayer of its parent (`"mha/softmax"` for `softmax_7`), and
 operations of a Functional graph (`"add"`, `"relu"`). A suffix picks a
 value at the point: `":input"`, `":input[i]"` (the i-th positional input
-of the call), `":output[i]"` or `":output[key]"` (one element of a
-structured output), after the call index: `"enc@1:input"`.
+of the call), `":input[name]"` (its keyword argument `name`, as passed),
+`":output[i]"` or `":output[key]"` (one element of a structured output),
+after the call index: `"enc@1:input"`.
 """
 
 import collections
@@ -278,8 +279,9 @@ class LayerIndex:
         Args:
             spec: a layer path (segments may leave out a generated `_N`
                 suffix where the rest is unique), `path@i`, either with a
-                suffix (`":input"`, `":input[i]"`, `":output[i]"`,
-                `":output[key]"`), `re:pattern` or a `Layer`.
+                suffix (`":input"`, `":input[i]"`, `":input[name]"`,
+                `":output[i]"`, `":output[key]"`), `re:pattern` or a
+                `Layer`.
 
         Returns:
             The points it addresses, each with the name a list-spec tap

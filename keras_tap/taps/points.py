@@ -3,9 +3,12 @@
 A `Point` is what a tap path resolves to: a layer (or operation) and the
 index of one of its calls, with the value's shape and, in a rebuilt graph,
 its tensor. A suffix picks another value at the same call: `":input"` (the
-first positional argument), `":input[i]"`, or one element of a structured
-output, `":output[i]"` / `":output[key]"` (`Point.select`).
+first positional argument), `":input[i]"`, `":input[name]"` (the keyword
+argument `name`, as passed), or one element of a structured output,
+`":output[i]"` / `":output[key]"` (`Point.select`).
 """
+
+import difflib
 
 import keras
 
@@ -26,6 +29,9 @@ class Point:
         shape: the value's shape (a tuple, or a structure of tuples).
         args: the positional arguments of the call: tensors in a
             `GraphTrace`, else their shapes.
+        kwargs: the keyword arguments of the call, `{name: value}`:
+            tensors in a `GraphTrace`, else their shapes (`NotTensor` for
+            a value without a tensor, such as `None` or a bool).
         anchor: for a watched point inside a graph layer, the graph tensor
             of the enclosing layer call (the graph must compute it).
         owner: the attention layer that must compute attention explicitly
@@ -33,20 +39,25 @@ class Point:
         suffix: `""`, or the selector of the value (`":input"`,
             `":output[1]"`).
         pick: for a watched point with a suffix, `pick(args, outputs)`.
+        call_output: for a graph point on an input of a call, the call's
+            output tensor (see `inside_call`).
     """
 
     def __init__(self, path, index, layer, tensor=None, shape=None,
-                 args=None, anchor=None, owner=None):
+                 args=None, anchor=None, owner=None, kwargs=None):
         self.path = path
         self.index = index
         self.layer = layer
         self.tensor = tensor
         self.shape = shape
         self.args = args
+        self.kwargs = kwargs
         self.anchor = anchor
         self.owner = owner
         self.suffix = ""
         self.pick = None
+        self.call_output = None
+        self.input_key = None
 
     @property
     def call_name(self):
@@ -70,7 +81,8 @@ class Point:
     def select(self, kind, key=None, written=None):
         """A copy of this point for the suffix `:input[key]` or
         `:output[key]` (`key` `None`: `:input`, the first input, or
-        `:output`, the whole output).
+        `:output`, the whole output; a string `key` of `:input` is a
+        keyword argument of the call).
 
         Raises:
             ValueError: when the point has no such input or element.
@@ -85,20 +97,28 @@ class Point:
                     f"Tap {written!r}: the inputs of '{self.path}' are not "
                     "known (it never ran in the traced call)."
                 )
+            if isinstance(key, str):
+                return self._keyword(key, written)
             if not self.args:
+                valid = self.input_suffixes()
+                hint = (
+                    f" Name a keyword argument instead: {valid}."
+                    if valid else
+                    " Tap the layer that computes the input instead "
+                    "(`kt.list_layers(model)` lists the points before it)."
+                )
                 raise ValueError(
                     f"Tap {written!r}: '{self.path}' is called with keyword "
-                    "arguments only (no positional input), so ':input' "
-                    "cannot reach its inputs. Tap the layer that computes "
-                    "the input instead (`kt.list_layers(model)` lists the "
-                    "points before it)."
+                    "arguments only (no positional input), so "
+                    f"':input{'' if key == 0 else f'[{key}]'}' cannot reach "
+                    f"its inputs.{hint}"
                 )
             if not isinstance(key, int) or key >= len(self.args):
                 raise ValueError(
                     f"Tap {written!r}: '{self.path}' is called with "
                     f"{len(self.args)} positional input(s), so it has no "
                     f"input {key!r}. Valid suffixes: "
-                    f"{_input_suffixes(len(self.args))}."
+                    f"{self.input_suffixes()}."
                 )
             value = self.args[key]
             if self.watched:
@@ -130,13 +150,83 @@ class Point:
                 )
             shape = self.shape[key]
             tensor = None if self.watched else self.tensor[key]
+        return self._copy(tensor, shape, suffix, kind, key)
+
+    def _copy(self, tensor, shape, suffix, kind, key):
         point = Point(self.path, self.index, self.layer, tensor, shape,
                       None, self.anchor, self.owner)
         point.suffix = suffix
         if self.watched:
             point.tensor = None
             point.pick = _picker(kind, key)
+        elif kind == INPUT:
+            # Read from the graph, the producer's tensor; while a `kt.edit`
+            # changes this input, `inside_call` records it in the call.
+            point.call_output = self.tensor
+            point.input_key = key
         return point
+
+    def inside_call(self):
+        """For a graph point on an input of a layer call (`:input`,
+        `:input[i]`, `:input[name]`): a copy recorded by watching the call,
+        so its value is what the layer received (after any `kt.edit` of
+        that input), anchored on the call's output tensor. `None` for any
+        other point.
+        """
+        output = self.call_output
+        if self.watched or output is None:
+            return None
+        point = Point(self.path, self.index, self.layer, None, self.shape,
+                      None, output, self.owner)
+        point.suffix = self.suffix
+        point.pick = _picker(INPUT, self.input_key)
+        return point
+
+    def input_suffixes(self):
+        """The input suffixes of this call: `":input"`, `":input[i]"` for
+        its positional arguments, then `":input[name]"` for each keyword
+        argument that holds tensors."""
+        count = len(self.args or ())
+        found = _input_suffixes(count) if count else []
+        for name, value in (self.kwargs or {}).items():
+            if _holds_tensors(value, self.watched):
+                found.append(f":input[{name}]")
+        return found
+
+    def _keyword(self, key, written):
+        """The copy of this point for `:input[key]`, a keyword argument."""
+        kwargs = self.kwargs
+        if kwargs is None:
+            raise ValueError(
+                f"Tap {written!r}: the inputs of '{self.path}' are not "
+                "known (it never ran in the traced call)."
+            )
+        suffix = f":input[{key}]"
+        if key not in kwargs:
+            valid = self.input_suffixes()
+            close = difflib.get_close_matches(
+                suffix, valid, n=len(valid), cutoff=0.0
+            )
+            named = sorted(kwargs) or "none"
+            raise ValueError(
+                f"Tap {written!r}: '{self.path}' was not called with a "
+                f"keyword argument {key!r} (its keyword arguments: "
+                f"{named}). Valid suffixes: {close}."
+            )
+        value = kwargs[key]
+        if not _holds_tensors(value, self.watched):
+            shown = value.value if isinstance(value, NotTensor) else value
+            raise ValueError(
+                f"Tap {written!r}: the keyword argument {key!r} of "
+                f"'{self.path}' is not a tensor (it was passed {shown!r}), "
+                "so it is not a point. Valid suffixes: "
+                f"{self.input_suffixes()}."
+            )
+        if self.watched:
+            shape, tensor = value, None
+        else:
+            shape, tensor = shape_of(value), value
+        return self._copy(tensor, shape, suffix, INPUT, key)
 
     def __repr__(self):
         return (
@@ -154,9 +244,47 @@ class Calls(list):
 
 
 def _picker(kind, key):
+    """`pick(args, outputs, kwargs)`: the value the suffix selects."""
+    if kind == INPUT and isinstance(key, str):
+        return lambda args, outputs, kwargs=None: kwargs[key]
     if kind == INPUT:
-        return lambda args, outputs: args[key]
-    return lambda args, outputs: outputs[key]
+        return lambda args, outputs, kwargs=None: args[key]
+    return lambda args, outputs, kwargs=None: outputs[key]
+
+
+class NotTensor:
+    """A keyword argument of a watched call that holds no tensor (`None`,
+    a bool, a Python number): recorded as it is, never a point."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self):
+        return f"NotTensor({self.value!r})"
+
+
+def keyword_shapes(kwargs):
+    """`{name: shape}` for the keyword arguments of a call: the shapes of
+    the tensors in each value, `NotTensor(value)` for a value that holds
+    none."""
+    found = {}
+    for name, value in (kwargs or {}).items():
+        leaves = keras.tree.flatten(value)
+        if leaves and all(hasattr(t, "shape") for t in leaves):
+            found[name] = shape_of(value)
+        else:
+            found[name] = NotTensor(value)
+    return found
+
+
+def _holds_tensors(value, watched):
+    """Whether a recorded keyword argument is a point: tensors only."""
+    if watched:
+        return not isinstance(value, NotTensor) and value is not None
+    leaves = keras.tree.flatten(value)
+    return bool(leaves) and all(
+        isinstance(t, keras.KerasTensor) for t in leaves
+    )
 
 
 def _input_suffixes(count):

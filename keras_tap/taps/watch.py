@@ -62,7 +62,7 @@ def _hook(layer, original):
         stop = False
         for recording in active:
             if key in recording.watcher.keys and not recording.edits:
-                stop = recording.record(key, outputs, args) or stop
+                stop = recording.record(key, outputs, args, kwargs) or stop
         if stop:
             raise StopForward("Every watched call was recorded.")
         return outputs
@@ -106,6 +106,17 @@ def begin_run():
             entry.begin_run()
 
 
+def edited_inputs():
+    """The ids of the layers whose call inputs an active `kt.edit` (in
+    this context) changes: a graph forward records the taps on those
+    inputs inside the call, after the edit, not from the graph."""
+    found = set()
+    for entry in _ACTIVE.get():
+        if entry.edits:
+            found.update(entry.inputs)
+    return found
+
+
 def is_hooked(layer):
     """Whether `layer` carries a watch hook now (some watcher is active)."""
     with _LOCK:
@@ -123,8 +134,9 @@ class Watcher:
         wanted: `{id(layer): {call_index: [key, ...]}}`: the calls to record
             and the keys to store each under; the call index counts the
             layer's calls within one recording. A key may be a pair
-            `(key, pick)`: `pick(args, outputs)` gives the value stored
-            (an input of the call, or one element of its output). `None`
+            `(key, pick)`: `pick(args, outputs, kwargs)` gives the value
+            stored (an input of the call, or one element of its output).
+            `None`
             records every call of every layer, in the order the calls end.
         stop_early: raise `StopForward` once every wanted call is recorded.
         explicit: attention layers that compute attention explicitly
@@ -191,6 +203,7 @@ class Recording:
         calls: `[(id(layer), output), ...]` in the order the calls ended
             (when the watcher records every call).
         arguments: the positional arguments of each of `calls`.
+        keywords: the keyword arguments of each of `calls` (dicts).
         stopped: whether this recording raised `StopForward`.
     """
 
@@ -201,6 +214,7 @@ class Recording:
         self.records = {}
         self.calls = []
         self.arguments = []
+        self.keywords = []
         self.counts = {}
         self.stopped = False
         self._token = None
@@ -233,7 +247,7 @@ class Recording:
             _release(self.watcher.layers)
         return False
 
-    def record(self, key, outputs, args=()):
+    def record(self, key, outputs, args=(), kwargs=None):
         """Store one call's output; whether to stop the run now."""
         if self.stopped:
             return False
@@ -243,11 +257,12 @@ class Recording:
         if wanted is None:
             self.calls.append((key, outputs))
             self.arguments.append(args)
+            self.keywords.append(dict(kwargs or {}))
             return False
         for name in wanted.get(key, {}).get(index, ()):
             if isinstance(name, tuple):
                 name, pick = name
-                self.records[name] = pick(args, outputs)
+                self.records[name] = pick(args, outputs, kwargs or {})
             else:
                 self.records[name] = outputs
         if self.watcher.stop_early and len(self.records) >= (
