@@ -23,6 +23,7 @@ import re
 import keras
 
 from keras_tap.taps import graph
+from keras_tap.taps.calls import trace_calls
 
 PATTERN_PREFIX = "re:"
 
@@ -94,7 +95,7 @@ class LayerIndex:
             self.points = self.trace.points
         else:
             self.trace = None
-            self.points, _ = graph.trace_calls(model)
+            self.points, _ = trace_calls(model)
         self.output_paths = self._output_paths()
 
     def _output_paths(self):
