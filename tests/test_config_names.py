@@ -100,13 +100,13 @@ def test_lower_case_metric_names_are_ones_keras_takes():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("compile.optimizer={class_name: Adam, config: {learning_ratee: 1}}",
-         "compile.optimizer.config.learning_ratee: unknown argument of Adam; "
-         "did you mean 'learning_rate'?"),
-        ("compile.loss={class_name: SparseCategoricalCrossentropy, "
-         "config: {from_logit: true}}",
-         "compile.loss.config.from_logit: unknown argument of "
-         "SparseCategoricalCrossentropy; did you mean 'from_logits'?"),
+        ("compile.optimizer={class_name: Nadam, config: {beta_11: 0.8}}",
+         "compile.optimizer.config.beta_11: unknown argument of Nadam; "
+         "did you mean 'beta_1'?"),
+        ("compile.loss={class_name: CategoricalCrossentropy, "
+         "config: {label_smoothin: 0.1}}",
+         "compile.loss.config.label_smoothin: unknown argument of "
+         "CategoricalCrossentropy; did you mean 'label_smoothing'?"),
     ],
 )  # fmt: skip
 def test_unknown_argument_of_a_keras_object(override, message):

@@ -182,21 +182,10 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(reference, workdir):
     # SIGTERM on JAX, SIGKILL on PyTorch (neither leaves a handler time).
     sig = "SIGTERM" if BACKEND == "jax" else "SIGKILL"
     run_dir = workdir / f"killed_{sig}"
-    steps = STEPS
+    train = ["train", "tiny.yaml", "--set", f"run.dir={run_dir.name}",
+             "--set", STEPS]  # fmt: skip
     process = subprocess.run(
-        [
-            sys.executable,
-            SELF_KILL,
-            "1",
-            "12",
-            sig,
-            "train",
-            "tiny.yaml",
-            "--set",
-            f"run.dir={run_dir.name}",
-            "--set",
-            steps,
-        ],
+        [sys.executable, SELF_KILL, "1", "12", sig, *train],
         cwd=workdir,
         env=env_of(),
         stdout=subprocess.DEVNULL,
@@ -206,16 +195,7 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(reference, workdir):
     assert process.returncode == -getattr(signal, sig)
     state = run_dir / "checkpoints" / "state.json"
     assert json.loads(state.read_text())["epoch"] == 0  # killed in epoch 2
-    result = keras_tap(
-        "train",
-        "tiny.yaml",
-        "--set",
-        f"run.dir={run_dir.name}",
-        "--set",
-        steps,
-        "--resume",
-        cwd=workdir,
-    )
+    result = keras_tap(*train, "--resume", cwd=workdir)
     assert result.returncode == 0, result.stderr
     info = json.loads((run_dir / "run.json").read_text())
     sessions = [(s["backend"], s["initial_epoch"]) for s in info["sessions"]]

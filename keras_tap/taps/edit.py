@@ -161,6 +161,10 @@ class EditRecording(watch.Recording):
             self.counts.clear()
         index = self.counts.get(key, 0)
         self.counts[key] = index + 1
+        return self.edit_inputs(key, index, args, kwargs) + (index,)
+
+    def edit_inputs(self, key, index, args, kwargs):
+        """Edit the inputs of call `index`: `(args, kwargs)`."""
         for spec in self.specs.get(key, ()):
             if spec.kind != points.INPUT or spec.index not in (None, index):
                 continue
@@ -182,7 +186,7 @@ class EditRecording(watch.Recording):
                     spec.name, spec.fn, args[position]
                 )
             args = tuple(args)
-        return args, kwargs, index
+        return args, kwargs
 
     def after(self, key, index, outputs):
         """Edit the call's outputs."""
@@ -190,6 +194,25 @@ class EditRecording(watch.Recording):
             if spec.kind == points.OUTPUT and spec.index in (None, index):
                 outputs = spec.output(outputs)
         return outputs
+
+
+def edit_call_inputs(key, index, args):
+    """The positional inputs `args` of call `index` of the layer `key`
+    with the active edits applied, in order (a graph that inlines a nested
+    model applies its edits so, since the model itself is never called)."""
+    for recording in watch.edit_recordings():
+        if key in recording.specs:
+            args, _ = recording.edit_inputs(key, index, args, {})
+    return args
+
+
+def edit_call_outputs(key, index, outputs):
+    """The outputs of call `index` of the layer `key` with the active
+    edits applied, in order (see `edit_call_inputs`)."""
+    for recording in watch.edit_recordings():
+        if key in recording.specs:
+            outputs = recording.after(key, index, outputs)
+    return outputs
 
 
 # -- the block ---------------------------------------------------------------

@@ -115,30 +115,49 @@ class GraphForward(Forward):
             and not graph.is_graph_model(point.layer)
         }
         self._variants = {}
+        self._variant = False  # a variant never chooses another.
 
     def _edited(self):
-        """This forward, or the variant that records the points on inputs
-        that an active `kt.edit` changes inside their calls (decided per
-        call: edits discard the compiled functions when they open and
-        close, so a traced function decides again)."""
-        if not self._inside:
+        """This forward, or the variant for the active `kt.edit`s (decided
+        per call: edits discard the compiled functions when they open and
+        close, so a traced function decides again):
+
+        - points on inputs that an edit changes are recorded inside their
+          calls;
+        - nested graph models that an edit changes (at their output or
+          input) are inlined: they are never called, so the graph of the
+          variant applies their edits itself (`GraphTrace.edited_variant`).
+        """
+        trace = self._trace
+        if self._variant or not (self._inside or trace.nested):
             return self
-        edited = watch.edited_inputs()
-        chosen = tuple(
-            i for i, point in self._inside.items() if id(point.layer) in edited
-        )
-        if not chosen:
+        nested = frozenset()
+        if trace.nested:
+            nested = trace.nested & frozenset(watch.edited_layers())
+        chosen = ()
+        if self._inside:
+            edited = watch.edited_inputs()
+            chosen = tuple(
+                i for i, point in self._inside.items()
+                if id(point.layer) in edited
+            )
+        if not chosen and not nested:
             return self
-        variant = self._variants.get(chosen)
+        variant = self._variants.get((nested, chosen))
         if variant is None:
+            points = self._points
+            if nested:
+                trace = trace.edited_variant(nested)
+                points = [_remap(point, trace) for point in points]
             variant = GraphForward(
-                self._trace,
-                [self._inside[i] if i in chosen else point
-                 for i, point in enumerate(self._points)],
+                trace,
+                [points[i].inside_call() if i in chosen else point
+                 for i, point in enumerate(points)],
                 self.names, outputs=self.outputs,
                 stop_early=self._stop_early,
             )
-            self._variants[chosen] = variant
+            variant._variant = True
+            self._variants[(nested, chosen)] = variant
         return variant
 
     def __call__(self, inputs, training=None):
@@ -169,6 +188,18 @@ class GraphForward(Forward):
                 structure, list(values[first:first + count])
             )
         return predictions, {name: found[name] for name in self.names}
+
+
+def _remap(point, trace):
+    """The point of `trace` (a variant of the point's trace) at the same
+    call, with the same suffix."""
+    from keras_tap.taps import paths
+
+    found = trace.points[point.path][point.index]
+    if point.suffix:
+        _, kind, key = paths.split_suffix("p" + point.suffix)
+        found = found.select(kind, key)
+    return found
 
 
 class WatchedForward(Forward):

@@ -23,6 +23,7 @@ import inspect
 
 import keras
 
+from keras_tap.taps import watch
 from keras_tap.taps.calls import trace_calls
 from keras_tap.taps.points import (  # noqa: F401 - part of this API
     Calls,
@@ -131,8 +132,13 @@ class GraphTrace:
             tensor: they are reached by watching the calls (`watch`).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, edited=frozenset()):
         view = functional_view(model)
+        self.model = model
+        # Nested graph models whose calls apply the open `kt.edit`s at
+        # their inlined inputs and outputs (`edited_variant`).
+        self._edited = frozenset(edited)
+        self._variants = {}
         self.points = {}
         self._views = {}
         self._viewed = _clashing_models(view)
@@ -140,6 +146,29 @@ class GraphTrace:
         rebuilt = self._inline(view, inputs, prefix="", training=None)
         self.inputs = inputs
         self.outputs = rebuilt
+        self.nested = frozenset(
+            id(point.layer)
+            for calls in self.points.values()
+            for point in calls
+            if is_graph_model(point.layer)
+        )
+
+    def edited_variant(self, layers):
+        """This trace, or a variant of it in which the nested graph models
+        among `layers` (ids) apply the open `kt.edit`s to their calls'
+        inputs and outputs: an inlined model is never called itself, so
+        the hook of an edit on it never runs. Cached per set of models.
+        """
+        chosen = frozenset(layers) & self.nested
+        if not chosen or chosen <= self._edited:
+            return self
+        variant = self._variants.get(chosen)
+        if variant is None:
+            # Built while no edit is active: none is baked into the graph.
+            with watch.suspended():
+                variant = GraphTrace(self.model, edited=chosen)
+            self._variants[chosen] = variant
+        return variant
 
     def _record(self, path, layer, tensor, args, kwargs=None):
         calls = self.points.setdefault(path, [])
@@ -213,6 +242,12 @@ class GraphTrace:
         if isinstance(layer, keras.layers.InputLayer):
             return layer(*args, **kwargs)
         path = prefix + layer.name
+        edited = is_graph_model(layer) and id(layer) in self._edited
+        if edited:
+            call = len(self.points.get(path, ()))
+            args = (
+                _EditedCall(layer, call, inputs=True)(args[0]),
+            ) + tuple(args[1:])
         if is_graph_model(layer) and id(layer) in self._viewed:
             outputs = self._view(layer, path, args, kwargs)
         elif is_graph_model(layer):
@@ -229,6 +264,8 @@ class GraphTrace:
             outputs = self._watched_call(layer, path, args, kwargs)
         else:
             outputs = layer(*args, **kwargs)  # an operation: `x + y`.
+        if edited:
+            outputs = _EditedCall(layer, call, inputs=False)(outputs)
         self._record(path, layer, outputs, args, kwargs)
         return outputs
 
@@ -265,7 +302,7 @@ class GraphTrace:
         """Call a nested graph model as one node: a multi-output view of
         itself that also returns every point inside it."""
         if id(layer) not in self._views:
-            inner = GraphTrace(layer)
+            inner = GraphTrace(layer, edited=self._edited)
             exposed, positions = [], {}
             inputs = {id(t) for t in keras.tree.flatten(inner.inputs)}
 
@@ -338,6 +375,32 @@ def _dense_specs(structure):
         return value
 
     return keras.tree.map_structure(fresh, structure)
+
+
+class _EditedCall(keras.layers.Layer):
+    """Applies the open `kt.edit`s of one call of an inlined nested graph
+    model (`layer`, call `index`) to its input (`inputs=True`) or its
+    output: what the edit hook would do, were the model called."""
+
+    def __init__(self, layer, index, inputs):
+        super().__init__(dtype=layer.dtype_policy)
+        self.key, self.index, self.inputs = id(layer), index, inputs
+        self.supports_masking = True
+        self._convert_input_args = False
+        self._allow_non_tensor_positional_args = True
+        self.built = True
+
+    def call(self, value):
+        from keras_tap.taps import edit
+
+        if self.inputs:
+            return edit.edit_call_inputs(self.key, self.index, (value,))[0]
+        return edit.edit_call_outputs(self.key, self.index, value)
+
+    def compute_output_spec(self, value):
+        return keras.tree.map_structure(
+            lambda t: keras.KerasTensor(t.shape, dtype=t.dtype), value
+        )
 
 
 class _Probe(keras.layers.Layer):

@@ -21,6 +21,7 @@ output to every watcher that is active in the calling context.
   the deepest tap).
 """
 
+import contextlib
 import contextvars
 import functools
 import threading
@@ -115,6 +116,32 @@ def edited_inputs():
         if entry.edits:
             found.update(entry.inputs)
     return found
+
+
+def edit_recordings():
+    """The recordings of the `kt.edit` blocks active in this context, in
+    the order their blocks were entered."""
+    return [entry for entry in _ACTIVE.get() if entry.edits]
+
+
+def edited_layers():
+    """The ids of the layers (nested models included) that an active
+    `kt.edit` (in this context) edits, at their inputs or outputs."""
+    found = set()
+    for entry in edit_recordings():
+        found.update(entry.specs)
+    return found
+
+
+@contextlib.contextmanager
+def suspended():
+    """No watcher or edit is active in this context meanwhile (a graph
+    built now must not bake the edits in)."""
+    token = _ACTIVE.set(())
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
 
 
 def is_hooked(layer):
