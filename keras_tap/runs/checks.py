@@ -9,6 +9,7 @@ object, and `resolve_callback` builds a callback.
 """
 
 import dataclasses
+import difflib
 import inspect
 import math
 import os
@@ -243,10 +244,34 @@ def resolve(kind, value, where):
             kind in ("optimizer", "metric") or isinstance(value, dict)
         ):
             message = f"unknown {kind} {name!r}{name_hint(name, names)}"
+        if kind == "schedule" and isinstance(value, str):
+            message = _schedule_name_message(value, names)
         raise ConfigError(where, message) from None
     if result is None:
         raise expected(where, f"a {kind}", value)
     return result
+
+
+def _schedule_name_message(name, names):
+    """The message for a schedule written as a name (`kt.schedules.get`
+    takes no names: every schedule has arguments), with the closest class
+    in the `{class_name: ...}` form; a lower-case name is matched against
+    the snake-case forms (`cosine_decayy` -> `CosineDecay`)."""
+    classes = sorted(n for n in names if n[:1].isupper() and n != "Schedule")
+    if name == name.lower():
+        by_form = {_snake_case(n): n for n in classes}
+    else:
+        by_form = {n: n for n in classes}
+    close = difflib.get_close_matches(name, list(by_form), n=1)
+    suggestion = (
+        f"; did you mean {{class_name: {by_form[close[0]]}, config: ...}}?"
+        if close
+        else ""
+    )
+    return (
+        "expected a non-negative number or a schedule {class_name, config} "
+        f"(not a name), got {name!r}{suggestion}"
+    )
 
 
 def json_copy(value):

@@ -448,8 +448,9 @@ def _data_options(sub):
     )
     sub.add_argument(
         "--x-key",
-        default="x",
-        help="the array of inputs in an .npz file (default: %(default)s)",
+        default=None,
+        help="the array of inputs in an .npz file given with --data "
+        "(default: x)",
     )
     sub.add_argument(
         "--batch-size",

@@ -380,12 +380,17 @@ def _model_and_inputs(args):
         raise ConfigError(
             "--split", "selects the config's samples; --data is read whole"
         )
+    x_key = getattr(args, "x_key", None)
+    if args.data is None and x_key is not None:
+        raise ConfigError(
+            "--x-key", "names the array of an .npz file given with --data"
+        )
     model = _load_model(args.model)
     source = Path(args.model)
     if source.is_dir() and (source / runs.CONFIG).is_file():
         source = source / runs.CONFIG  # A run directory: its data.
     if args.data is not None:
-        x = data.inputs(args.data, x_key=args.x_key)
+        x = data.inputs(args.data, x_key=x_key or "x")
     elif source.suffix in CONFIG_SUFFIXES:
         cfg = config_lib.load(source)
         x = data.samples(cfg.data, cfg.run.seed, split or "all").x

@@ -36,7 +36,6 @@ from keras_tap.runs.checks import (
     expected,
     known_names,
     mapping,
-    name_hint,
     path,
     with_module,
 )
@@ -328,9 +327,11 @@ def _raise_layer_error(class_name, config, where, error):
             try:
                 keras.activations.get(value)
             except Exception:
-                names = known_names("activation", [keras.activations])
+                # Activation names are lower-case: `Relux` is closest to
+                # `relu`, not (by case) to `elu`.
+                names = sorted(known_names("activation", [keras.activations]))
                 message = f"unknown activation {value!r}"
-                message += name_hint(value, names)
+                message += hint(value.lower(), names)
                 at = key_path(key, prefix=f"{where}.config")
                 raise ConfigError(at, message) from None
     raise ConfigError(f"{where}.config", message_of(error)) from None
