@@ -100,6 +100,14 @@ def assemble(model, x, y, y_pred, sample_weight=None, training=True):
     step = optimizer_step(model)
     weights = model.tap_weights(step)
     for tap_name in terms:
+        if tap_name not in weights and tap_name in model.taps:
+            raise ValueError(
+                f"`compute_tap_losses` returned a term for tap "
+                f"{tap_name!r}, which has no `loss` or `regularizer`, so "
+                "it has no weight and no `<tap>_loss` log. Declare a "
+                "`loss=` or `regularizer=` on that `kt.Tap` (the override "
+                "may replace its value)."
+            )
         if tap_name not in weights:
             raise ValueError(
                 f"`compute_tap_losses` returned a term for {tap_name!r}, "

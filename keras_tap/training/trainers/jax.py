@@ -34,6 +34,30 @@ def __getattr__(name):
     return getattr(portable, name)
 
 
+def _flatten_tap_terms(terms):
+    names = tuple(terms.outputs)
+    outputs = {n: tuple(terms.outputs[n][:3]) for n in names}
+    sources = tuple(terms.outputs[n].source for n in names)
+    return (dict(terms), outputs), (names, sources)
+
+
+def _unflatten_tap_terms(static, children):
+    names, sources = static
+    terms, outputs = children
+    return TapTerms(
+        terms,
+        {n: TapOutput(*outputs[n], source=s) for n, s in zip(names, sources)},
+    )
+
+
+# `compute_loss_terms(...)` as a pytree: a user's stateless `train_step`
+# can return it from `jax.value_and_grad(..., has_aux=True)` (a plain
+# leaf would carry the tracers of the gradient out of it).
+jax.tree_util.register_pytree_node(
+    TapTerms, _flatten_tap_terms, _unflatten_tap_terms
+)
+
+
 def _mapping(variables, values):
     return list(zip(variables, values))
 
