@@ -65,6 +65,18 @@ def to_numpy(value):
     )
 
 
+def run_tap_model(tap_model, x, how):
+    """`(predictions, taps)` as NumPy from a `TapModel` called directly
+    (`how="call"`), through `predict`, or through `extract` (predictions
+    `None`)."""
+    if how == "call":
+        predictions, taps = tap_model(x)
+        return to_numpy(predictions), to_numpy(taps)
+    if how == "predict":
+        return tap_model.predict(x, verbose=0)
+    return None, tap_model.extract(x, verbose=0)
+
+
 def dtype_name(value):
     """The Keras name of a tensor's dtype (`"float32"`), on any backend."""
     return keras.backend.standardize_dtype(value.dtype)

@@ -10,7 +10,14 @@ unedited. Every value is checked against NumPy from the layer weights.
 import keras
 import numpy as np
 import pytest
-from conftest import Counter, assert_close, dense_ref, grad_at, to_numpy
+from conftest import (
+    Counter,
+    assert_close,
+    dense_ref,
+    grad_at,
+    run_tap_model,
+    to_numpy,
+)
 from keras import ops
 
 import keras_tap as kt
@@ -35,14 +42,6 @@ def _sequential():
     ])
 
 
-def _run(tap_model, x, how):
-    """`(predictions, taps)` as NumPy, by `how`."""
-    if how == "call":
-        predictions, taps = tap_model(x)
-        return to_numpy(predictions), to_numpy(taps)
-    if how == "predict":
-        return tap_model.predict(x, verbose=0)
-    return None, tap_model.extract(x, verbose=0)
 
 
 @pytest.mark.parametrize("how", ["call", "predict", "extract"])
@@ -53,13 +52,13 @@ def test_sequential_zero_at_an_input(how):
     bias = to_numpy(model.get_layer("b").bias)
     tap_model = kt.TapModel(model, ["b:input", "a"])
     with kt.edit(model, {"b:input": kt.edits.Zero()}):
-        predictions, taps = _run(tap_model, x, how)
+        predictions, taps = run_tap_model(tap_model, x, how)
     _close(taps["b:input"], np.zeros((5, 4)))
     _close(taps["a"], a)  # the producer's own output is not edited.
     if predictions is not None:
         _close(predictions, np.broadcast_to(bias, (5, 2)))
     # Closed: the graph value again.
-    predictions, taps = _run(tap_model, x, how)
+    predictions, taps = run_tap_model(tap_model, x, how)
     _close(taps["b:input"], a)
     if predictions is not None:
         _close(predictions, dense_ref(model.get_layer("b"), a))
@@ -83,7 +82,7 @@ def test_shared_producer_only_the_edited_reader(how):
     a = dense_ref(model.get_layer("a"), x)
     tap_model = kt.TapModel(model, ["b:input", "c:input", "a"])
     with kt.edit(model, {"b:input": kt.edits.Scale(2.0)}):
-        predictions, taps = _run(tap_model, x, how)
+        predictions, taps = run_tap_model(tap_model, x, how)
     _close(taps["b:input"], 2 * a)
     _close(taps["c:input"], a)
     _close(taps["a"], a)
@@ -130,7 +129,7 @@ def test_positional_input_of_an_op_and_a_layer(how):
     edits = {f"{add}:input[1]": kt.edits.Zero(),
              "pair:input[1]": kt.edits.Add(vector)}
     with kt.edit(model, edits):
-        predictions, taps = _run(tap_model, x, how)
+        predictions, taps = run_tap_model(tap_model, x, how)
     _close(taps["add1"], np.zeros_like(q))
     _close(taps["add0"], p)
     _close(taps["pair1"], q + vector)
@@ -169,7 +168,7 @@ def test_keyword_input_of_a_functional_layer(how):
         model, ["mix:input[hidden]", "mix:input[scale]", "dense"]
     )
     with kt.edit(model, {"mix:input[hidden]": kt.edits.Scale(3.0)}):
-        predictions, taps = _run(tap_model, [x, s], how)
+        predictions, taps = run_tap_model(tap_model, [x, s], how)
     _close(taps["mix:input[hidden]"], 3 * hidden)
     _close(taps["mix:input[scale]"], s)
     _close(taps["dense"], hidden)
@@ -186,13 +185,14 @@ def test_nested_edits_compose_at_an_input(how):
     tap_model = kt.TapModel(model, ["b:input", "c:input"])
     with kt.edit(model, {"b:input": kt.edits.Scale(2.0)}):
         with kt.edit(model, {"b:input": kt.edits.Add(vector)}):
-            predictions, taps = _run(tap_model, x, how)
+            predictions, taps = run_tap_model(tap_model, x, how)
         _close(taps["b:input"], 2 * a + vector)
         _close(taps["c:input"], a)
         if predictions is not None:
             _close(predictions[:, :2],
                    dense_ref(model.get_layer("b"), 2 * a + vector))
-        predictions, taps = _run(tap_model, x, how)  # the outer edit only
+        # The outer edit only.
+        predictions, taps = run_tap_model(tap_model, x, how)
         _close(taps["b:input"], 2 * a)
 
 

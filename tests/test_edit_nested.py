@@ -10,7 +10,7 @@ computed from the layer weights.
 import keras
 import numpy as np
 import pytest
-from conftest import assert_close, grad_at, to_numpy
+from conftest import assert_close, grad_at, run_tap_model, to_numpy
 from keras import ops
 
 import keras_tap as kt
@@ -96,13 +96,6 @@ def _edit(name, width, n=5):
     return kt.edits.Replace(value), lambda v: np.broadcast_to(value, v.shape)
 
 
-def _run(tap_model, x, how):
-    if how == "call":
-        predictions, taps = tap_model(x)
-        return to_numpy(predictions), to_numpy(taps)
-    if how == "predict":
-        return tap_model.predict(x, verbose=0)
-    return None, tap_model.extract(x, verbose=0)
 
 
 _WIDTH = {"inner": 2, "inner:input": 4, "inner/i1": None}
@@ -122,14 +115,14 @@ def test_edit_on_nested_model(kind, point, edit, how):
     expected, points = _reference(kind, outer, inner, x, {point: np_edit})
     with kt.edit(outer, {point: kt_edit}):
         _close(outer(x), expected)  # the base model, for reference.
-        predictions, taps = _run(tap_model, x, how)
+        predictions, taps = run_tap_model(tap_model, x, how)
     if predictions is not None:
         _close(predictions, expected)
     for name in names:
         _close(taps[name], points[name])
     # Closed: the model computes what it did before.
     plain, points = _reference(kind, outer, inner, x, {})
-    predictions, taps = _run(tap_model, x, how)
+    predictions, taps = run_tap_model(tap_model, x, how)
     if predictions is not None:
         _close(predictions, plain)
     for name in names:
@@ -168,7 +161,7 @@ def test_nested_model_called_twice_edit_first_call(point, how):
     tap_model = kt.TapModel(outer, names)
     with kt.edit(outer, {point: kt.edits.Add(vector)}):
         _close(outer(x), expected)
-        predictions, taps = _run(tap_model, x, how)
+        predictions, taps = run_tap_model(tap_model, x, how)
     if predictions is not None:
         _close(predictions, expected)
     _close(taps["inner@0"], y0)
