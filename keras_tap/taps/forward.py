@@ -108,8 +108,8 @@ class GraphForward(Forward):
         # the layer received: a variant records them inside the call.
         self._trace, self._points = trace, list(points)
         self._stop_early = stop_early
-        self._inside = {
-            i: point.inside_call()
+        self._inside = {  # point index -> id of the layer it enters
+            i: id(point.layer)
             for i, point in enumerate(points)
             if point.inside_call() is not None
             and not graph.is_graph_model(point.layer)
@@ -138,8 +138,7 @@ class GraphForward(Forward):
         if self._inside:
             edited = watch.edited_inputs()
             chosen = tuple(
-                i for i, point in self._inside.items()
-                if id(point.layer) in edited
+                i for i, layer in self._inside.items() if layer in edited
             )
         if not chosen and not nested:
             return self

@@ -112,9 +112,8 @@ def edited_inputs():
     this context) changes: a graph forward records the taps on those
     inputs inside the call, after the edit, not from the graph."""
     found = set()
-    for entry in _ACTIVE.get():
-        if entry.edits:
-            found.update(entry.inputs)
+    for entry in edit_recordings():
+        found.update(entry.inputs)
     return found
 
 
